@@ -1,0 +1,77 @@
+"""One settings object, read from `QLORA_*` environment variables, shared by api and worker.
+
+Every default hangs off `QLORA_DATA_DIR`, so a single variable gives a complete, private
+installation (the embedded mode): SQLite for the database, kombu's SQLAlchemy transport on
+SQLite for the Celery broker, and local directories for uploads, artifacts and base models.
+Production sets `QLORA_DATABASE_URL=postgresql+psycopg://...` and `QLORA_BROKER_URL=redis://...`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "qlora"
+
+
+class Settings(BaseSettings):
+    """Configuration of the whole service; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str = ""  # default: sqlite under data_dir
+    broker_url: str = ""  # default: sqla+sqlite under data_dir (no server)
+    artifacts_dir: Path | None = None  # default: data_dir/artifacts
+    files_dir: Path | None = None  # default: data_dir/files
+    models_dir: Path | None = None  # default: data_dir/models
+    max_upload_bytes: int = 512 * 1024 * 1024
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = 8000
+    rate_limit_per_minute: int = 600  # requests per API key per minute (429 beyond)
+    max_concurrent_jobs: int = 4  # unfinished jobs per API key
+    dev_tenant: str = "dev"
+
+    # Workers
+    job_time_limit_s: int = 24 * 3600
+    lease_s: int = 60  # a job whose holder has not heart-beaten for this long is taken over
+    heartbeat_s: int = 10
+    reconcile_interval_s: int = 30
+    device_memory_bytes: int | None = None  # override the worker's detected device memory
+    n_logged_steps_max: int = 1000
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'qlora.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        self.artifacts_dir = Path(self.artifacts_dir or self.data_dir / "artifacts").expanduser()
+        self.files_dir = Path(self.files_dir or self.data_dir / "files").expanduser()
+        self.models_dir = Path(self.models_dir or self.data_dir / "models").expanduser()
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when nothing but local files backs the service (SQLite + serverless broker)."""
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith("sqla+sqlite")
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.artifacts_dir, self.files_dir, self.models_dir):
+            Path(d).mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests clear it with `get_settings.cache_clear()`)."""
+    return Settings()
