@@ -1,0 +1,461 @@
+"""The QLoRA fine-tuning recipe: setup, train, checkpoint, cleanup, in one readable function.
+
+Modelled on torchtune's single-device LoRA recipe: a flat `TrainConfig` drives it, helpers take flat
+arguments, and progress leaves through a small callback object (the worker turns it into job
+events). The method is the QLoRA paper's (Dettmers et al. 2023): a frozen NF4 base with double
+quantization, bf16 compute, LoRA on every linear layer, a paged AdamW, loss on the completion only.
+
+What makes it an engine rather than a script:
+  * the loss and the vocabulary projection run only at supervised positions (`qlora_core.loss`);
+  * gradient accumulation is normalised by the supervised tokens of the whole optimizer step, so
+    `batch_size=b, gradient_accumulation_steps=k` gives the gradient of one batch of `b*k`;
+  * checkpoints are atomic and hold everything a bitwise-exact resume needs (See Note: exact resume);
+  * cancellation is cooperative (`should_stop`), and running out of memory says what to lower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qlora_core import checkpoint as ckpt
+from qlora_core.config import TrainConfig
+from qlora_core.loss import causal_lm_loss, count_supervised, supports_supervised_logits
+from qlora_core.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+# Changing these between a checkpoint and its resume changes only what is reported, not the math.
+_RESUME_SAFE_FIELDS = {"logging_steps", "eval_steps", "n_checkpoints", "checkpoint_steps", "max_eval_examples"}
+
+
+class OutOfMemory(RuntimeError):
+    """The run did not fit in memory; the message says which settings to lower."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot proceed for a reason the user can fix (bad data, incompatible checkpoint)."""
+
+
+class TrainingCallback:
+    """Receives a run's progress. A plain base class with no-op methods: override what you need."""
+
+    def on_message(self, level: str, message: str) -> None:
+        """A human-readable note; `level` is "info", "warn" or "error" (OpenAI event levels)."""
+
+    def on_start(self, info: dict) -> None:
+        """Once, after setup: total_steps, n_examples, stats, device, resumed_from_step, ..."""
+
+    def on_metrics(self, step: int, metrics: dict) -> None:
+        """Exactly once per logged step (See Note: logged steps)."""
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+        """After `path` is complete on disk (atomic), with the metrics of that step."""
+
+    def should_stop(self, step: int) -> bool:
+        """Asked before every optimizer step with the number of steps done; True stops the run."""
+        return False
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "stopped"
+    steps: int
+    total_steps: int
+    trained_tokens: int
+    adapter_dir: Path | None
+    checkpoints: list[tuple[int, Path]]
+    metrics: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    model_dir: str | Path,
+    train_file: str | Path,
+    output_dir: str | Path,
+    config: TrainConfig,
+    valid_file: str | Path | None = None,
+    callback: TrainingCallback | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Fine-tune a LoRA adapter on a 4-bit base model.
+
+    Args:
+        model_dir: a base-model dir (`qlora_core.store`): config, safetensors weights, tokenizer.
+        train_file: JSONL training data in any format `qlora_core.validate` accepts.
+        output_dir: where `checkpoints/` and, on completion, `adapter/` go.
+        config: the run's hyperparameters; checked first.
+        valid_file: optional JSONL validation data, evaluated every `eval_steps`.
+        callback: progress sink; `TrainingCallback()` when None.
+        resume: continue from the latest complete checkpoint in `output_dir`, if any.
+
+    Returns:
+        A `TrainResult`; `status="stopped"` (and no final adapter) if `should_stop` said so.
+
+    Raises:
+        ValueError: if `config` is invalid.
+        OutOfMemory: if a step, the model or the optimizer does not fit; says what to lower.
+        TrainingError: on unusable data or a checkpoint made with an incompatible config.
+    """
+    config.check()
+    cb = callback or TrainingCallback()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(Path(model_dir), Path(train_file), output_dir, config, valid_file, cb, resume)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(_oom_advice(config, exc)) from exc
+    except RuntimeError as exc:
+        if _is_cpu_oom(exc):
+            raise OutOfMemory(_oom_advice(config, exc)) from exc
+        raise
+    finally:
+        # Cleanup: the worker process trains job after job; hand memory back now.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _run(
+    model_dir: Path,
+    train_file: Path,
+    output_dir: Path,
+    config: TrainConfig,
+    valid_file: str | Path | None,
+    cb: TrainingCallback,
+    resume: bool,
+) -> TrainResult:
+    from qlora_core import data, models
+
+    # ---- setup --------------------------------------------------------------------------------
+    seed_everything(config.seed)
+    ckpt.remove_stale_temp_dirs(output_dir)
+    tokenizer = models.load_tokenizer(model_dir)
+    train_examples, stats = data.tokenize_file(
+        tokenizer, train_file, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
+    )
+    _report_stats(cb, "training", stats, config.max_seq_length)
+    if not train_examples:
+        raise TrainingError(f"no usable training examples in {train_file} (all dropped or empty)")
+    valid_examples: list = []
+    if valid_file is not None:
+        valid_examples, valid_stats = data.tokenize_file(
+            tokenizer, valid_file, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
+        )
+        _report_stats(cb, "validation", valid_stats, config.max_seq_length)
+        if config.max_eval_examples is not None:
+            valid_examples = valid_examples[: config.max_eval_examples]
+
+    lengths = [len(ex.input_ids) for ex in train_examples]
+    plan = make_plan(lengths, config, bool(valid_examples))
+    model = models.load_quantized_model(
+        model_dir, quant_type=config.quant_type, double_quant=config.double_quant, compute_dtype=config.compute_dtype
+    )
+    model = models.add_lora(
+        model,
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, config.optimizer, config.learning_rate, config.weight_decay, device, cb.on_message)
+    scheduler, warmup_steps = build_scheduler(optimizer, config.lr_scheduler, plan.total_steps, config.warmup_ratio)
+    autocast = _autocast(device, models.resolve_dtype(config.compute_dtype))
+    if not supports_supervised_logits(model):
+        cb.on_message("info", "model has no separable output head; computing full logits (slower)")
+    pad_id = tokenizer.pad_token_id
+    valid_batches = (
+        [data.collate(valid_examples, rows, pad_id) for rows in _valid_plan(valid_examples, config)]
+        if valid_examples
+        else []
+    )
+
+    # See Note: exact resume
+    state = {"step": 0, "epoch": 0, "group": 0, "trained_tokens": 0, "supervised_tokens": 0, "history": []}
+    latest = ckpt.latest_checkpoint(output_dir) if resume else None
+    if latest is not None:
+        saved = ckpt.load_checkpoint(model, latest)
+        _check_resumable(saved["config"], config, latest)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        ckpt.restore_rng_state(saved["rng"])
+        state = {k: saved[k] for k in state}
+        cb.on_message("info", f"resumed from checkpoint at step {state['step']} ({latest.name})")
+
+    cb.on_start(
+        {
+            "total_steps": plan.total_steps,
+            "n_epochs": plan.n_epochs,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "n_examples": len(train_examples),
+            "n_valid_examples": len(valid_examples),
+            "stats": asdict(stats),
+            "device": str(device),
+            "resumed_from_step": state["step"] if latest is not None else None,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "warmup_steps": warmup_steps,
+            "checkpoint_steps": sorted(plan.checkpoint_steps),
+        }
+    )
+
+    # ---- train --------------------------------------------------------------------------------
+    model.train()
+    window = {"loss": 0.0, "correct": 0, "tokens": 0}  # since the last logged step
+    started = time.perf_counter()
+    step = state["step"]
+    for epoch in range(state["epoch"], plan.n_epochs):
+        groups = plan.step_groups(epoch)
+        first = state["group"] if epoch == state["epoch"] else 0
+        for g in range(first, len(groups)):
+            if step >= plan.total_steps:
+                break
+            if cb.should_stop(step):
+                cb.on_message("info", f"stopped at step {step} of {plan.total_steps}")
+                return _result("stopped", step, plan, state, output_dir, None)
+            lr = scheduler.get_last_lr()[0]
+            batches = [data.collate(train_examples, rows, pad_id) for rows in groups[g]]
+            # Note: accumulation normalisation. Each micro-batch's summed loss is divided by the
+            # supervised tokens of the *whole* step, so the accumulated gradient equals that of
+            # one big batch (not a mean of per-batch means, which over-weights short batches).
+            n_sup = sum(count_supervised(b["labels"]) for b in batches)
+            for b in batches:
+                b = {k: v.to(device) for k, v in b.items()}
+                with autocast:
+                    parts = causal_lm_loss(model, b)
+                (parts.loss_sum / max(n_sup, 1)).backward()
+                window["loss"] += float(parts.loss_sum.detach())
+                window["correct"] += parts.n_correct
+                window["tokens"] += parts.n_tokens
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["trained_tokens"] += sum(lengths[i] for rows in groups[g] for row in rows for i in row)
+            state["supervised_tokens"] += n_sup
+            state["step"] = step
+            state["epoch"], state["group"] = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
+
+            if not plan.is_logged(step):
+                continue
+            metrics: dict[str, Any] = {
+                "step": step,
+                "train_loss": window["loss"] / max(window["tokens"], 1),
+                "train_mean_token_accuracy": window["correct"] / max(window["tokens"], 1),
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "trained_tokens": state["trained_tokens"],
+                "elapsed_s": round(time.perf_counter() - started, 3),
+            }
+            window = {"loss": 0.0, "correct": 0, "tokens": 0}
+            if step in plan.eval_steps and valid_batches:
+                metrics.update(_evaluate(model, valid_batches, device, autocast))
+            state["history"].append(metrics)
+            cb.on_metrics(step, metrics)
+
+            # ---- checkpoint -----------------------------------------------------------------
+            if step in plan.checkpoint_steps:
+                path = ckpt.save_checkpoint(model, output_dir, step, _checkpoint_state(state, optimizer, scheduler, config))
+                cb.on_checkpoint(step, path, metrics)
+
+    # ---- cleanup / final adapter ----------------------------------------------------------------
+    adapter_dir = ckpt.save_adapter(model, output_dir)
+    cb.on_message("info", f"training complete: {step} steps, {state['trained_tokens']} tokens; adapter at {adapter_dir}")
+    return _result("completed", step, plan, state, output_dir, adapter_dir)
+
+
+# Note: exact resume. A checkpoint taken after optimizer step k holds the adapter, the optimizer
+# and scheduler state, the Python/NumPy/torch RNG states at that instant (LoRA dropout draws from
+# torch's global RNG), and the data position (epoch, next step group). The batch plan of an epoch
+# is a pure function of (lengths, seed, epoch), so it is recomputed, not stored. Restoring all of
+# this after setup (which itself consumes RNG for LoRA init) makes steps k+1.. replay exactly:
+# on CPU the resumed adapter is bitwise equal to the uninterrupted one (tests/qlora_core/test_train.py).
+
+
+@dataclass
+class RunPlan:
+    """Which micro-batches make each optimizer step, and which steps log, evaluate and checkpoint."""
+
+    epoch_batches: list[list[list[list[int]]]]  # epoch -> micro-batches -> rows -> example indices
+    grad_accum: int
+    total_steps: int
+    logging_steps: int
+    checkpoint_steps: set[int]
+    eval_steps: set[int]
+
+    @property
+    def n_epochs(self) -> int:
+        return len(self.epoch_batches)
+
+    @property
+    def steps_per_epoch(self) -> list[int]:
+        return [math.ceil(len(b) / self.grad_accum) for b in self.epoch_batches]
+
+    def step_groups(self, epoch: int) -> list[list[list[list[int]]]]:
+        """The epoch's micro-batches in groups of `grad_accum`; the last group may be shorter."""
+        batches = self.epoch_batches[epoch]
+        return [batches[i : i + self.grad_accum] for i in range(0, len(batches), self.grad_accum)]
+
+    def is_logged(self, step: int) -> bool:
+        # Note: logged steps. A step emits one metrics event if it is a multiple of logging_steps,
+        # evaluates, checkpoints, or is the last; so valid_* and checkpoint metrics always have an event.
+        return (
+            step % self.logging_steps == 0
+            or step in self.eval_steps
+            or step in self.checkpoint_steps
+            or step == self.total_steps
+        )
+
+
+def make_plan(lengths: list[int], config: TrainConfig, has_valid: bool) -> RunPlan:
+    """Plan every epoch's batches (seeded by seed and epoch) and the step schedule.
+
+    Steps never straddle epochs: an epoch of `n` micro-batches is `ceil(n / grad_accum)` steps.
+    With `max_steps`, epochs repeat (each reshuffled) until that many steps exist.
+    """
+    from qlora_core import data
+
+    def epoch_plan(epoch: int) -> list[list[list[int]]]:
+        return data.plan_batches(lengths, config.batch_size, config.max_seq_length, config.packing, config.seed, epoch)
+
+    ga = config.gradient_accumulation_steps
+    epochs: list[list[list[list[int]]]] = []
+    ends: list[int] = []  # cumulative step count at the end of each epoch
+    target_epochs = config.n_epochs if config.max_steps is None else None
+    while (target_epochs is not None and len(epochs) < target_epochs) or (
+        target_epochs is None and (not ends or ends[-1] < config.max_steps)
+    ):
+        batches = epoch_plan(len(epochs))
+        if not batches:
+            raise TrainingError("the batch plan is empty: no training example fits max_seq_length")
+        epochs.append(batches)
+        ends.append((ends[-1] if ends else 0) + math.ceil(len(batches) / ga))
+    total = ends[-1] if config.max_steps is None else config.max_steps
+
+    if config.checkpoint_steps is not None:
+        saves = set(range(config.checkpoint_steps, total + 1, config.checkpoint_steps))
+    elif config.n_checkpoints is not None:
+        saves = {max(1, round(total * i / config.n_checkpoints)) for i in range(1, config.n_checkpoints + 1)}
+    else:
+        saves = {e for e in ends if e <= total}  # one per epoch (OpenAI's default)
+    saves.add(total)  # the last checkpoint is always the final step
+    if not has_valid:
+        evals: set[int] = set()
+    elif config.eval_steps is None:
+        evals = set(saves)
+    else:
+        evals = set(range(config.eval_steps, total + 1, config.eval_steps)) | {total}
+    return RunPlan(epochs, ga, total, config.logging_steps, saves, evals)
+
+
+def _checkpoint_state(state: dict, optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig) -> dict:
+    return {
+        **state,
+        "history": list(state["history"]),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": ckpt.capture_rng_state(),
+        "config": config.to_dict(),
+    }
+
+
+def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    current = config.to_dict()
+    changed = sorted(k for k in current if k not in _RESUME_SAFE_FIELDS and saved.get(k) != current[k])
+    if changed:
+        raise TrainingError(
+            f"checkpoint {path} was made with different settings ({', '.join(changed)}); "
+            "resume with the same config or start a new output_dir"
+        )
+
+
+def _valid_plan(examples: list, config: TrainConfig) -> list[list[list[int]]]:
+    from qlora_core import data
+
+    lengths = [len(ex.input_ids) for ex in examples]
+    batches = data.plan_batches(lengths, config.batch_size, config.max_seq_length, config.packing, config.seed, 0)
+    return batches
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, batches: list[dict], device: torch.device, autocast: Any) -> dict[str, float]:
+    """Token-weighted mean loss and accuracy over the validation batches (dropout off)."""
+    model.eval()
+    loss, correct, tokens = 0.0, 0, 0
+    try:
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            with autocast:
+                parts = causal_lm_loss(model, b)
+            loss += float(parts.loss_sum)
+            correct += parts.n_correct
+            tokens += parts.n_tokens
+    finally:
+        model.train()
+    return {"valid_loss": loss / max(tokens, 1), "valid_mean_token_accuracy": correct / max(tokens, 1)}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _report_stats(cb: TrainingCallback, name: str, stats: Any, max_seq_length: int) -> None:
+    cb.on_message(
+        "info",
+        f"{name} data: {stats.n_examples} examples, {stats.n_tokens} tokens "
+        f"({stats.n_supervised_tokens} supervised)",
+    )
+    if stats.n_truncated:
+        cb.on_message("warn", f"{name} data: {stats.n_truncated} example(s) truncated to max_seq_length={max_seq_length}")
+    if stats.n_dropped:
+        cb.on_message("warn", f"{name} data: {stats.n_dropped} example(s) dropped (longer than {max_seq_length} tokens or nothing to learn)")
+
+
+def _result(status: str, step: int, plan: RunPlan, state: dict, output_dir: Path, adapter_dir: Path | None) -> TrainResult:
+    last = dict(state["history"][-1]) if state["history"] else {}
+    last["supervised_tokens"] = state["supervised_tokens"]
+    return TrainResult(
+        status=status,
+        steps=step,
+        total_steps=plan.total_steps,
+        trained_tokens=state["trained_tokens"],
+        adapter_dir=adapter_dir,
+        checkpoints=ckpt.list_checkpoints(output_dir),
+        metrics=last,
+    )
+
+
+def _is_cpu_oom(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "can't allocate memory" in text or "DefaultCPUAllocator" in text or "out of memory" in text.lower()
+
+
+def _oom_advice(config: TrainConfig, exc: BaseException) -> str:
+    tips = [f"batch_size (now {config.batch_size}; raise gradient_accumulation_steps to keep the effective batch)"]
+    tips.append(f"max_seq_length (now {config.max_seq_length})")
+    tips.append(f"lora_r (now {config.lora_r})")
+    if not config.gradient_checkpointing:
+        tips.append("or enable gradient_checkpointing")
+    return f"out of memory during training: lower {', '.join(tips)}. ({str(exc).splitlines()[0][:200]})"
