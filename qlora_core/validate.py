@@ -161,7 +161,7 @@ def _check_chat(obj: dict, problems: list[tuple[str, str]]) -> None:
                 problems.append(("invalid_weight", f"{where} has weight {str(weight)[:40]!r}, must be 0 or 1"))
         if role == "assistant":
             n_assistant += 1
-            if msg.get("weight", 1) == 1:
+            if msg.get("weight", 1) != 0:  # a bad weight is reported once, above
                 n_trained += 1
     if n_assistant == 0:
         problems.append(("example_missing_assistant_message", "no assistant message"))
@@ -253,11 +253,12 @@ def _iter_file_lines(fh: BinaryIO, max_line_bytes: int) -> Iterator[bytes | None
             yield line
 
 
-def _iter_parsed(lines: Iterable[bytes | str | None]) -> Iterator[tuple[int, Any, str | None, list[tuple[str, str]]]]:
-    """(line_no, value, format, problems) for every non-blank line."""
+def _iter_parsed(lines: Iterable[bytes | str | None], max_line_bytes: int = MAX_LINE_BYTES
+                 ) -> Iterator[tuple[int, Any, str | None, list[tuple[str, str]]]]:
+    """(line_no, value, format, problems) for every non-blank line; None stands for an overlong line."""
     for line_no, raw in enumerate(lines, start=1):
         if raw is None:
-            yield line_no, None, None, [("line_too_long", f"line is longer than {MAX_LINE_BYTES} bytes")]
+            yield line_no, None, None, [("line_too_long", f"line is longer than {max_line_bytes} bytes")]
             continue
         if line_no == 1:
             raw = raw.removeprefix(_BOM) if isinstance(raw, bytes) else raw.removeprefix("\ufeff")
@@ -272,7 +273,8 @@ def _iter_parsed(lines: Iterable[bytes | str | None]) -> Iterator[tuple[int, Any
         yield line_no, value, fmt, problems
 
 
-def validate_lines(lines: Iterable[bytes | str], max_problems: int = 1000) -> ValidationReport:
+def validate_lines(lines: Iterable[bytes | str], max_problems: int = 1000,
+                   _max_line_bytes: int = MAX_LINE_BYTES) -> ValidationReport:
     """Validate an iterable of JSONL lines (bytes or str, with or without their line ends).
 
     Args:
@@ -284,7 +286,7 @@ def validate_lines(lines: Iterable[bytes | str], max_problems: int = 1000) -> Va
     """
     report = ValidationReport()
     counter = _CountingIter(lines)
-    for line_no, _, fmt, problems in _iter_parsed(counter):
+    for line_no, _, fmt, problems in _iter_parsed(counter, _max_line_bytes):
         if problems:
             for code, message in problems:
                 report.n_problems += 1
@@ -314,12 +316,14 @@ class _CountingIter:
         return item
 
 
-def validate_jsonl(path: str | Path, max_problems: int = 1000) -> ValidationReport:
+def validate_jsonl(path: str | Path, max_problems: int = 1000,
+                   max_line_bytes: int = MAX_LINE_BYTES) -> ValidationReport:
     """Validate a JSONL file on disk, streaming it.
 
     Args:
         path: the file.
         max_problems: keep at most this many problems (all are still counted).
+        max_line_bytes: a longer line is reported (`line_too_long`) and skipped unread.
 
     Returns:
         A ValidationReport.
@@ -328,7 +332,7 @@ def validate_jsonl(path: str | Path, max_problems: int = 1000) -> ValidationRepo
         OSError: when the file cannot be read.
     """
     with open(path, "rb") as fh:
-        return validate_lines(_iter_file_lines(fh, MAX_LINE_BYTES), max_problems=max_problems)
+        return validate_lines(_iter_file_lines(fh, max_line_bytes), max_problems, max_line_bytes)
 
 
 def iter_examples(path: str | Path) -> Iterator[tuple[int, dict]]:
