@@ -1,0 +1,133 @@
+"""Turn a `POST /v1/fine_tuning/jobs` request into a resolved, validated training configuration.
+
+OpenAI's `hyperparameters` (or `method.supervised.hyperparameters`) map onto
+`qlora_core.config.TrainConfig`; everything else comes from the `qlora` extension object or the
+QLoRA paper's defaults. How "auto" resolves (documented in the README):
+- `n_epochs`: 3, OpenAI's usual default for small datasets.
+- `batch_size`: 4 examples (or packed rows) per micro-batch; with TrainConfig's 4
+  gradient-accumulation steps that is the QLoRA recipe's effective batch of 16.
+- `learning_rate_multiplier`: 1.0, where learning_rate = 2e-4 (the paper's) × multiplier.
+  An explicit `qlora.learning_rate` wins, and the multiplier reported is learning_rate / 2e-4.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from api.errors import bad_request
+from api.schemas import Hyperparameters, JobCreate
+from qlora_core.config import TrainConfig
+
+BASE_LEARNING_RATE = 2e-4
+AUTO_N_EPOCHS = 3
+AUTO_BATCH_SIZE = 4
+MAX_SUFFIX = 64
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+def _hyperparameters(req: JobCreate) -> tuple[Hyperparameters, str]:
+    """The requested hyperparameters and the param path they came from."""
+    if req.method is not None:
+        if req.method.type != "supervised":
+            raise bad_request(
+                f"Unsupported fine-tuning method {req.method.type!r}: only 'supervised' is supported.",
+                param="method.type",
+                code="invalid_value",
+            )
+        method_hp = req.method.supervised.hyperparameters if req.method.supervised else None
+        if method_hp is not None and req.hyperparameters is not None:
+            raise bad_request(
+                "Give hyperparameters either at the top level or in method.supervised, not both.",
+                param="hyperparameters",
+                code="invalid_value",
+            )
+        if method_hp is not None:
+            return method_hp, "method.supervised.hyperparameters"
+    return req.hyperparameters or Hyperparameters(), "hyperparameters"
+
+
+def _check_int(value: Any, lo: int, hi: int, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise bad_request(f"Invalid value for '{param}': must be \"auto\" or an integer between {lo} and {hi}, "
+                          f"got {value!r}.", param=param, code="invalid_value")
+    return value
+
+
+def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    """OpenAI's metadata rule: at most 16 pairs, string keys <= 64 and string values <= 512 characters."""
+    if metadata is None:
+        return None
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise bad_request(f"metadata may hold at most {MAX_METADATA_PAIRS} pairs, got {len(metadata)}.",
+                          param="metadata", code="invalid_value")
+    for k, v in metadata.items():
+        if len(k) > MAX_METADATA_KEY:
+            raise bad_request(f"metadata keys must be at most {MAX_METADATA_KEY} characters, got {len(k)} ({k[:20]!r}...).",
+                              param="metadata", code="invalid_value")
+        if not isinstance(v, str) or len(v) > MAX_METADATA_VALUE:
+            raise bad_request(f"metadata[{k!r}] must be a string of at most {MAX_METADATA_VALUE} characters.",
+                              param="metadata", code="invalid_value")
+    return dict(metadata)
+
+
+def resolve_config(req: JobCreate) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Validate a job request and resolve it into a TrainConfig.
+
+    Args:
+        req: the parsed request body.
+
+    Returns:
+        (config, requested_hyperparameters, method): `config` is `TrainConfig.to_dict()` with every
+        "auto" resolved, `requested_hyperparameters` keeps "auto" as sent, `method` is OpenAI's
+        method object with the resolved hyperparameters.
+
+    Raises:
+        APIError: 400 naming the param of the first bad value.
+    """
+    if req.suffix is not None and len(req.suffix) > MAX_SUFFIX:
+        raise bad_request(f"suffix must be at most {MAX_SUFFIX} characters, got {len(req.suffix)}.",
+                          param="suffix", code="invalid_value")
+    if req.seed is not None and not 0 <= req.seed <= 2**31 - 1:
+        raise bad_request(f"seed must be between 0 and 2147483647, got {req.seed}.", param="seed", code="invalid_value")
+    if req.integrations:
+        raise bad_request("integrations are not supported by this service.", param="integrations", code="invalid_value")
+
+    hp, hp_param = _hyperparameters(req)
+    n_epochs = AUTO_N_EPOCHS if hp.n_epochs in (None, "auto") else _check_int(hp.n_epochs, 1, 50, f"{hp_param}.n_epochs")
+    batch_size = (AUTO_BATCH_SIZE if hp.batch_size in (None, "auto")
+                  else _check_int(hp.batch_size, 1, 256, f"{hp_param}.batch_size"))
+    lrm = hp.learning_rate_multiplier
+    if lrm in (None, "auto"):
+        multiplier = 1.0
+    elif isinstance(lrm, bool) or not isinstance(lrm, (int, float)) or not 0 < lrm <= 1000:
+        raise bad_request(f"Invalid value for '{hp_param}.learning_rate_multiplier': must be \"auto\" or a number "
+                          f"> 0, got {lrm!r}.", param=f"{hp_param}.learning_rate_multiplier", code="invalid_value")
+    else:
+        multiplier = float(lrm)
+
+    options = req.qlora.model_dump(exclude_none=True) if req.qlora is not None else {}
+    options.setdefault("learning_rate", BASE_LEARNING_RATE * multiplier)
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31 - 1)
+    try:
+        config = TrainConfig.from_dict({**options, "n_epochs": n_epochs, "batch_size": batch_size, "seed": seed})
+    except (TypeError, ValueError) as e:  # from_dict refuses unknown keys; the schema already did too
+        raise bad_request(str(e), param="qlora", code="invalid_value") from None
+    problems = config.validate()
+    if problems:
+        name, message = problems[0]
+        param = {"n_epochs": f"{hp_param}.n_epochs", "batch_size": f"{hp_param}.batch_size"}.get(name, f"qlora.{name}")
+        raise bad_request(f"Invalid value for '{param}': {message}.", param=param, code="invalid_value")
+
+    cfg = config.to_dict()
+    requested = hp.model_dump()
+    resolved = {
+        "batch_size": batch_size,
+        "learning_rate_multiplier": round(cfg["learning_rate"] / BASE_LEARNING_RATE, 10),
+        "n_epochs": n_epochs,
+    }
+    method = {"type": "supervised", "supervised": {"hyperparameters": resolved}}
+    return cfg, requested, method
+

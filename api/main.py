@@ -1,0 +1,39 @@
+"""The FastAPI application: `create_app()` wires settings, routers, error handlers and the rate limiter.
+
+`uvicorn --factory api.main:create_app` serves it; `qlora serve` (service/server.py) migrates the
+database first. OpenAPI is at `/openapi.json`, the interactive docs at `/docs`.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.ratelimit import SlidingWindowLimiter
+from api.routes import files, health, job_outputs, jobs, models
+from service.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: the process settings from `QLORA_*`).
+
+    Args:
+        settings: configuration; its directories are created if missing.
+
+    Returns:
+        The ASGI app. The database must already be migrated (`service.migrate.upgrade()`).
+    """
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    app = FastAPI(
+        title="QLoRA fine-tuning service",
+        version="0.1.0",
+        description="Self-hosted QLoRA fine-tuning with OpenAI's fine-tuning API (wire-compatible), "
+        "plus adapter downloads. Authenticate with `Authorization: Bearer sk-qlora-...`.",
+    )
+    app.state.settings = settings
+    app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute, 60.0)
+    install_error_handlers(app)
+    for r in (files.router, jobs.router, job_outputs.router, models.router, health.router):
+        app.include_router(r)
+    return app

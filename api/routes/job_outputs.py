@@ -1,0 +1,149 @@
+"""What a job produces: its events (list or Server-Sent Events), checkpoints and adapter downloads.
+
+Events and checkpoints are OpenAI's (`fine_tuning.job.event`, `fine_tuning.job.checkpoint`),
+newest first. `?stream=true` on the events endpoint streams them instead as `text/event-stream`,
+oldest first, each as `data: {json}`, polling the database until the job is finished.
+The adapter endpoints are our extension (Together's API has the same idea): a `.tar.gz` whose
+root holds PEFT's `adapter_config.json` and `adapter_model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.errors import APIError, bad_request, not_found
+from api.routes.jobs import get_job
+from api.routes.pagination import paginate
+from api.schemas import (FINISHED, CheckpointList, CheckpointObject, ErrorResponse, JobEventList,
+                         JobEventObject)
+from service.database import session_scope
+from service.db import Checkpoint, Job, JobEvent
+from service.storage import ArtifactMissing, UnsafePath, adapter_archive, resolve_under
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
+                   responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
+                              404: {"model": ErrorResponse}})
+
+STREAM_POLL_S = 0.5
+_TARGZ = {200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "a .tar.gz with adapter_config.json and adapter_model.safetensors at its root"}}
+_EVENTS = {200: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobEventList"}},
+                             "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def _event_rows_after(database_url: str, job_id: str, after_seq: int) -> tuple[list[dict], int, bool]:
+    with session_scope(database_url) as s:
+        rows = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+                              .order_by(JobEvent.seq).limit(500)))
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+        last = rows[-1].seq if rows else after_seq
+        return [JobEventObject.from_row(e).model_dump() for e in rows], last, status in FINISHED
+
+
+async def _stream(request: Request, database_url: str, job_id: str, after_seq: int) -> AsyncIterator[str]:
+    last = after_seq
+    while True:
+        events, last, finished = await run_in_threadpool(_event_rows_after, database_url, job_id, last)
+        for ev in events:
+            yield f"id: {ev['id']}\ndata: {json.dumps(ev)}\n\n"
+        if finished and not events:
+            return
+        if not events:
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(STREAM_POLL_S)
+
+
+@router.get("/{job_id}/events", response_model=JobEventList, responses=_EVENTS)
+def list_events(
+    job_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    stream: bool = False,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> JobEventList | StreamingResponse:
+    """A job's events, newest first; with `stream=true`, Server-Sent Events oldest first until the job ends.
+
+    When streaming, `after` (or the `Last-Event-ID` header of a reconnecting client) resumes after
+    that event.
+    """
+    job = get_job(session, principal.tenant_id, job_id)
+    if stream:
+        cursor = after or last_event_id
+        after_seq = 0
+        if cursor:
+            seq = session.scalar(select(JobEvent.seq).where(JobEvent.job_id == job.id, JobEvent.id == cursor))
+            if seq is None:
+                raise bad_request(f"Invalid 'after': no event {cursor!r} in job {job_id}.", param="after",
+                                  code="invalid_cursor")
+            after_seq = seq
+        return StreamingResponse(_stream(request, settings.database_url, job.id, after_seq),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    rows, has_more = paginate(session, select(JobEvent).where(JobEvent.job_id == job.id), JobEvent, after, limit)
+    return JobEventList(data=[JobEventObject.from_row(e) for e in rows], has_more=has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(
+    job_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> CheckpointList:
+    """A job's checkpoints, newest (highest step) first."""
+    job = get_job(session, principal.tenant_id, job_id)
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.tenant_id == principal.tenant_id)
+    rows, has_more = paginate(session, stmt, Checkpoint, after, limit, order_col=Checkpoint.step_number)
+    data = [CheckpointObject.from_row(c) for c in rows]
+    return CheckpointList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)
+
+
+def _send_archive(settings_artifacts, adapter_rel: str, cache_rel: str, download_name: str, what: str) -> FileResponse:
+    try:
+        prebuilt = resolve_under(settings_artifacts, cache_rel)
+        path = prebuilt if prebuilt.is_file() else adapter_archive(settings_artifacts, adapter_rel, cache_rel)
+    except (ArtifactMissing, UnsafePath):
+        raise APIError(410, f"The adapter files of {what} are no longer available on this server.",
+                       code="artifact_missing") from None
+    return FileResponse(path, media_type="application/gzip", filename=download_name)
+
+
+@router.get("/{job_id}/adapter", response_class=FileResponse, responses={**_TARGZ, 410: {"model": ErrorResponse}})
+def download_adapter(job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """The final LoRA adapter of a succeeded job (`peft.PeftModel.from_pretrained` loads it)."""
+    job = get_job(session, principal.tenant_id, job_id)
+    if job.status != "succeeded" or not job.adapter_path:
+        raise bad_request(f"Job {job_id} has status {job.status!r}; its adapter is available once it has succeeded.",
+                          param="fine_tuning_job_id", code="adapter_not_ready")
+    return _send_archive(settings.artifacts_dir, job.adapter_path, f"jobs/{job.id}/adapter.tar.gz",
+                         f"{job.id}-adapter.tar.gz", f"job {job_id}")
+
+
+@router.get("/{job_id}/checkpoints/{checkpoint_id}/adapter", response_class=FileResponse,
+            responses={**_TARGZ, 410: {"model": ErrorResponse}})
+def download_checkpoint_adapter(job_id: str, checkpoint_id: str, principal: PrincipalDep, session: SessionDep,
+                                settings: SettingsDep) -> FileResponse:
+    """The LoRA adapter saved at one checkpoint of a job (any status)."""
+    job = get_job(session, principal.tenant_id, job_id)
+    ckpt = session.scalar(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id,
+                                                   Checkpoint.tenant_id == principal.tenant_id))
+    if ckpt is None:
+        raise not_found("checkpoint", checkpoint_id)
+    return _send_archive(settings.artifacts_dir, ckpt.adapter_path, f"downloads/{job.id}/{ckpt.id}.tar.gz",
+                         f"{job.id}-step-{ckpt.step_number}-adapter.tar.gz", f"checkpoint {checkpoint_id}")

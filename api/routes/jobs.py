@@ -1,0 +1,147 @@
+"""`/v1/fine_tuning/jobs`: create, list, retrieve and cancel fine-tuning jobs (OpenAI's API).
+
+Creating a job validates everything a client can get wrong (model, files, hyperparameters, the
+`qlora` options; api/jobspec.py), records the job with its resolved TrainConfig and status
+`validating_files`, commits, and only then enqueues "train job X" (service.queue): the database
+is the source of truth, and a message lost because the broker was down is re-sent by the
+worker's reconciler. Cancellation is cooperative (REFERENCES.md "Celery for long GPU jobs").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy import func, select, update
+
+from api.basemodels import base_model
+from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.errors import APIError, bad_request, not_found
+from api.jobspec import check_metadata, resolve_config
+from api.routes.pagination import paginate
+from api.schemas import FINISHED, UNFINISHED, ErrorResponse, JobCreate, JobList, JobObject
+from service import queue
+from service.db import File, Job, JobEvent, new_id, now
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
+                   responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
+                              404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+
+MIN_TRAINING_EXAMPLES = 10
+
+
+def get_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
+    """A job of this tenant, or 404 (another tenant's job does not exist for this caller)."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise not_found("fine-tuning job", job_id)
+    return job
+
+
+def add_event(session: SessionDep, job_id: str, message: str, level: str = "info") -> None:
+    session.add(JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, type="message", message=message))
+
+
+def _check_file(session: SessionDep, tenant_id: str, file_id: str, param: str) -> File:
+    f = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id, File.deleted_at.is_(None)))
+    if f is None:
+        raise bad_request(f"Invalid file ID: {file_id} does not exist.", param=param, code="file_not_found")
+    if f.purpose != "fine-tune":
+        raise bad_request(f"File {file_id} has purpose {f.purpose!r}; fine-tuning needs purpose 'fine-tune'.",
+                          param=param, code="invalid_file_purpose")
+    return f
+
+
+@router.post("", response_model=JobObject)
+def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, session: SessionDep,
+               settings: SettingsDep) -> JobObject:
+    """Create a fine-tuning job; it starts as `validating_files` and is handed to a worker."""
+    if base_model(settings.models_dir, req.model) is None:
+        raise APIError(400, f"Model {req.model!r} does not exist or is not available for fine-tuning. "
+                       "GET /v1/models lists the base models.", param="model", code="model_not_found")
+    train = _check_file(session, principal.tenant_id, req.training_file, "training_file")
+    if train.n_examples < MIN_TRAINING_EXAMPLES:
+        raise bad_request(f"Training file has {train.n_examples} example(s), but must have at least "
+                          f"{MIN_TRAINING_EXAMPLES} examples", param="training_file", code="invalid_n_examples")
+    if req.validation_file is not None:
+        _check_file(session, principal.tenant_id, req.validation_file, "validation_file")
+    metadata = check_metadata(req.metadata)
+    config, requested, method = resolve_config(req)
+
+    unfinished = session.scalar(select(func.count()).select_from(Job).where(
+        Job.api_key_id == principal.key_id, Job.status.in_(UNFINISHED)))
+    if unfinished is not None and unfinished >= settings.max_concurrent_jobs:
+        raise APIError(429, f"This API key already has {unfinished} unfinished job(s), the limit is "
+                       f"{settings.max_concurrent_jobs}; wait for one to finish or cancel one.",
+                       type="requests", code="concurrent_jobs_limit")
+
+    job = Job(id=new_id("ftjob"), tenant_id=principal.tenant_id, api_key_id=principal.key_id, model=req.model,
+              training_file=req.training_file, validation_file=req.validation_file, status="validating_files",
+              suffix=req.suffix, seed=config["seed"], user_metadata=metadata, hyperparameters=requested,
+              config=config, method=method, attempts=0)
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    session.commit()
+    try:
+        queue.enqueue_job(job.id)
+    except BrokerError as e:  # the reconciler re-enqueues jobs that no worker holds
+        log.warning("could not enqueue %s now (%s); the reconciler will retry", job.id, e)
+    else:
+        job.enqueued_at = now()
+        session.commit()
+    log.info("created %s for %s on %s", job.id, principal.tenant_id, req.model)
+    return JobObject.from_row(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    principal: PrincipalDep,
+    session: SessionDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    """This tenant's jobs, newest first."""
+    stmt = select(Job).where(Job.tenant_id == principal.tenant_id)
+    rows, has_more = paginate(session, stmt, Job, after, limit)
+    return JobList(data=[JobObject.from_row(j) for j in rows], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def retrieve_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> JobObject:
+    return JobObject.from_row(get_job(session, principal.tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> JobObject:
+    """Cancel a job.
+
+    A job not yet running is cancelled at once. A running job keeps status `running` until its
+    worker sees `cancel_requested_at` and stops at the next step, then becomes `cancelled`.
+    Cancelling a cancelled job returns it unchanged; a succeeded or failed job cannot be
+    cancelled (400 `job_not_cancellable`).
+    """
+    job = get_job(session, principal.tenant_id, job_id)
+    if job.status == "cancelled":
+        return JobObject.from_row(job)
+    if job.status in FINISHED:
+        raise bad_request(f"Job {job_id} has already {job.status} and cannot be cancelled.", param="fine_tuning_job_id",
+                          code="job_not_cancellable")
+    t = now()
+    # One atomic UPDATE decides the race with a worker that is taking the job right now.
+    done = session.execute(
+        update(Job).where(Job.id == job.id, Job.status.in_(("validating_files", "queued")))
+        .values(status="cancelled", cancel_requested_at=t, finished_at=t)
+    ).rowcount
+    if done:
+        add_event(session, job.id, "Fine-tuning job cancelled")
+    else:
+        session.execute(update(Job).where(Job.id == job.id, Job.cancel_requested_at.is_(None))
+                        .values(cancel_requested_at=t))
+        add_event(session, job.id, "Cancellation requested; the job stops at its next training step")
+    session.commit()
+    session.refresh(job)
+    return JobObject.from_row(job)
