@@ -1,0 +1,74 @@
+"""What a worker trains on and how much memory it has: the report recorded in its Worker row.
+
+The probe imports torch and, on a GPU machine, calls CUDA (`torch.cuda.mem_get_info`). A worker's
+parent process forks its training children and must never touch CUDA itself ("Cannot
+re-initialize CUDA in forked subprocess", REFERENCES.md "Celery for long GPU jobs"), so the parent
+runs the probe in a short-lived subprocess (`probe_in_subprocess`); `python -m worker.device`
+prints the same report as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def device_report() -> dict[str, Any]:
+    """Probe the device in *this* process (it may initialise CUDA: never call it in a worker parent).
+
+    Returns:
+        {"device": "cuda:0 (NVIDIA H100 80GB HBM3)" | "cpu (8 cores)", "memory_bytes": total bytes
+        of device memory (system RAM on CPU), "free_bytes": what is free now}.
+    """
+    import psutil
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info(0)
+            name = torch.cuda.get_device_name(0)
+            return {"device": f"cuda:0 ({name})", "memory_bytes": int(total), "free_bytes": int(free)}
+    except ImportError:  # torch missing: a torch-free install can still report its RAM
+        log.warning("torch is not installed; reporting system memory")
+    vm = psutil.virtual_memory()
+    return {"device": f"cpu ({os.cpu_count()} cores)", "memory_bytes": int(vm.total), "free_bytes": int(vm.available)}
+
+
+def probe_in_subprocess(timeout_s: float = 300.0, override_memory_bytes: int | None = None) -> dict[str, Any]:
+    """Run `device_report` in a fresh Python process and return its result.
+
+    Args:
+        timeout_s: give up after this long (torch imports slowly on a busy machine).
+        override_memory_bytes: `Settings.device_memory_bytes`, replaces the measured total.
+
+    Returns:
+        The report; on a probe failure, system RAM from psutil with `device` "unknown".
+    """
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "worker.device"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
+        )
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, json.JSONDecodeError, IndexError, OSError) as e:
+        log.warning("device probe failed (%s); reporting system memory", e)
+        import psutil
+
+        report = {"device": "unknown", "memory_bytes": int(psutil.virtual_memory().total), "free_bytes": 0}
+    if override_memory_bytes:
+        report["memory_bytes"] = int(override_memory_bytes)
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps(device_report()))

@@ -1,0 +1,183 @@
+"""The bridge from the training loop to the database: `DbCallback` turns `qlora_core.train`'s
+callbacks into job events, checkpoint rows, progress and cooperative cancellation.
+
+`qlora_core` knows nothing of the service (it imports neither api nor worker); the worker hands
+`train()` this callback. It is the job-side half of Together's fine-tuning progress
+(`steps_completed, total_steps, seconds_remaining`) and OpenAI's metrics events and checkpoints.
+Imported only inside a training child: `qlora_core.train` imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from qlora_core.train import TrainingCallback
+from service.db import Checkpoint, Job, new_id, now
+from worker.events import add_event
+
+log = logging.getLogger(__name__)
+
+_jobs = Job.__table__
+_checkpoints = Checkpoint.__table__
+
+# should_stop is asked every optimizer step; the database at most once per this many seconds.
+CANCEL_POLL_S = 1.0
+METRIC_KEYS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the job's lease every `heartbeat_s` while the job runs (a daemon thread in the child).
+
+    If a renewal finds the lease gone (it expired while this process stalled and another worker
+    took the job), `lost` is set and the training loop stops at its next step.
+    """
+
+    def __init__(self, engine: Engine, job_id: str, owner: str, lease_s: int, heartbeat_s: float) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.engine, self.job_id, self.owner = engine, job_id, owner
+        self.lease_s, self.heartbeat_s = lease_s, heartbeat_s
+        self.lost = threading.Event()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        from worker.lease import renew
+
+        while not self._stop_event.wait(self.heartbeat_s):
+            try:
+                if not renew(self.engine, self.job_id, self.owner, self.lease_s):
+                    log.warning("lost the lease on %s", self.job_id)
+                    self.lost.set()
+                    return
+            except Exception as e:  # a database blip: keep trying until the lease actually expires
+                log.warning("lease renewal of %s failed: %s", self.job_id, e)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class DbCallback(TrainingCallback):
+    """Records a training run in the job's rows; see the module docstring.
+
+    Args:
+        engine: the service database.
+        job_id: the job being trained.
+        fine_tuned_model: the job's model name, prefix of every checkpoint's name.
+        tenant_id: owner of the checkpoints.
+        artifacts_dir: root that checkpoint paths are stored relative to.
+        lease: the LeaseKeeper of this run (its `lost` flag stops training).
+        deadline: Unix time after which `should_stop` stops the run (job time limit).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        job_id: str,
+        fine_tuned_model: str,
+        tenant_id: str,
+        artifacts_dir: Path,
+        lease: LeaseKeeper | None,
+        deadline: float,
+    ) -> None:
+        self.engine, self.job_id = engine, job_id
+        self.fine_tuned_model, self.tenant_id = fine_tuned_model, tenant_id
+        self.artifacts_dir = Path(artifacts_dir)
+        self.lease, self.deadline = lease, deadline
+        self.total_steps = 0
+        self.first_step = 0
+        self.t_start = time.monotonic()
+        self.stop_reason: str | None = None  # "cancelled" | "time_limit" | "lease_lost"
+        self._last_poll = 0.0
+        self.first_step_at: float | None = None  # wall time of the first metrics (for measurements)
+
+    # --- TrainingCallback -------------------------------------------------------------------
+    def on_message(self, level: str, message: str) -> None:
+        add_event(self.engine, self.job_id, message, level=level if level in ("info", "warn", "error") else "info")
+
+    def on_start(self, info: dict) -> None:
+        self.total_steps = int(info.get("total_steps") or 0)
+        self.first_step = int(info.get("resumed_from_step") or 0)
+        self.t_start = time.monotonic()
+        progress = {"steps_completed": self.first_step, "total_steps": self.total_steps, "seconds_remaining": None}
+        with self.engine.begin() as conn:
+            conn.execute(update(_jobs).where(_jobs.c.id == self.job_id).values(progress=progress))
+
+    def on_metrics(self, step: int, metrics: dict) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        data: dict[str, Any] = {"step": step}
+        for key in METRIC_KEYS:
+            if metrics.get(key) is not None and math.isfinite(float(metrics[key])):
+                data[key] = float(metrics[key])
+        data["total_steps"] = self.total_steps
+        message = f"Step {step}/{self.total_steps}: training loss={data.get('train_loss', float('nan')):.4f}"
+        if "valid_loss" in data:
+            message += f", validation loss={data['valid_loss']:.4f}"
+        add_event(self.engine, self.job_id, message, type="metrics", data=data, dedup_key=f"metrics:{step}")
+        remaining = self._seconds_remaining(step)
+        progress = {"steps_completed": step, "total_steps": self.total_steps, "seconds_remaining": remaining}
+        values: dict[str, Any] = {"progress": progress}
+        if remaining is not None:
+            values["estimated_finish"] = now() + remaining
+        if metrics.get("trained_tokens") is not None:
+            values["trained_tokens"] = int(metrics["trained_tokens"])
+        with self.engine.begin() as conn:
+            conn.execute(update(_jobs).where(_jobs.c.id == self.job_id).values(**values))
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+        path = Path(path)
+        rel = path.relative_to(self.artifacts_dir).as_posix() if path.is_relative_to(self.artifacts_dir) else str(path)
+        state = path / "state.pt"
+        row = {
+            "id": new_id("ftckpt"),
+            "job_id": self.job_id,
+            "tenant_id": self.tenant_id,
+            "step_number": step,
+            "metrics": {"step": step, **{k: float(v) for k, v in metrics.items() if k in METRIC_KEYS and v is not None}},
+            "fine_tuned_model_checkpoint": f"{self.fine_tuned_model}:ckpt-step-{step}",
+            "adapter_path": rel,
+            "state_path": (rel + "/state.pt") if state.exists() else None,
+            "created_at": now(),
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(_checkpoints).values(**row))
+        except IntegrityError:  # a resumed run saved this step again: the first row stands
+            log.info("checkpoint step %d of %s already recorded", step, self.job_id)
+
+    def should_stop(self, step: int) -> bool:
+        if self.stop_reason:
+            return True
+        if self.lease is not None and self.lease.lost.is_set():
+            self.stop_reason = "lease_lost"
+            return True
+        if time.time() > self.deadline:
+            self.stop_reason = "time_limit"
+            return True
+        t = time.monotonic()
+        if t - self._last_poll < CANCEL_POLL_S:
+            return False
+        self._last_poll = t
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(_jobs.c.cancel_requested_at, _jobs.c.status).where(_jobs.c.id == self.job_id)
+            ).one()
+        if row.cancel_requested_at is not None or row.status == "cancelled":
+            self.stop_reason = "cancelled"
+            return True
+        return False
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _seconds_remaining(self, step: int) -> int | None:
+        done = step - self.first_step
+        if done <= 0 or not self.total_steps:
+            return None
+        rate = (time.monotonic() - self.t_start) / done  # seconds per step in this run
+        return int(round(rate * max(self.total_steps - step, 0)))

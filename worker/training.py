@@ -1,0 +1,172 @@
+"""The `running` step of a job: call `qlora_core.train.train` and publish what it produced.
+
+On completion the adapter is packed as `artifacts_dir/jobs/<id>/adapter.tar.gz` (the two PEFT
+files at the archive's root, so `tar xzf` + `PeftModel.from_pretrained(dir)` works), the job gets
+an OpenAI-shaped model name `ft:<base>:<tenant>:<suffix>:<id>`, and a `fine_tuned` Model row is
+listed for the tenant. Imported only inside a training child (torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, insert, select, update
+
+from service.db import Job, Model, Tenant
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_models = Model.__table__
+
+
+def job_output_dir(settings: Settings, job_id: str) -> Path:
+    """`artifacts_dir/jobs/<job_id>`: the job's checkpoints, final adapter and archive."""
+    return Path(settings.artifacts_dir) / "jobs" / job_id
+
+
+def fine_tuned_model_name(base: str, tenant: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's shape `ft:BASE:ORG:SUFFIX:ID` (suffix may be empty); `:` is kept out of the parts."""
+
+    def clean(s: str) -> str:
+        return re.sub(r"[:\s]+", "-", s)
+
+    short = job_id.split("-", 1)[-1]
+    return f"ft:{clean(base)}:{clean(tenant)}:{clean(suffix or '')}:{short}"
+
+
+def pack_adapter(adapter_dir: Path, archive: Path) -> Path:
+    """Write `adapter_dir`'s files at the root of a .tar.gz, atomically (temp file + rename).
+
+    Raises:
+        FileNotFoundError: the adapter directory lacks `adapter_config.json` or the weights.
+    """
+    adapter_dir = Path(adapter_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"{adapter_dir} has no {name}")
+    tmp = archive.with_name(archive.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(adapter_dir.iterdir()):
+            if f.is_file():
+                tar.add(f, arcname=f.name)
+    os.replace(tmp, archive)
+    return archive
+
+
+def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: Any, deadline: float) -> str:
+    """Train `job` (a job row in status running) and record the result.
+
+    Returns:
+        "succeeded", "cancelled", "time_limit" or "lease_lost".
+
+    Raises:
+        JobFailed: out of memory, bad data, an unknown model.
+        Exception: anything unexpected (the task records it as `internal_error`).
+    """
+    from qlora_core.config import TrainConfig
+    from qlora_core.store import ModelStore
+    from qlora_core.train import OutOfMemory, train
+    from qlora_core.validate import DatasetError
+    from worker.runner import DbCallback
+    from worker.tasks import JobFailed
+    from worker.validation import file_path
+
+    try:
+        model_dir = ModelStore.from_settings().model_path(job.model)
+    except KeyError:
+        raise JobFailed("model_not_found", f"Model {job.model} is not in the model store", "model") from None
+    train_file = file_path(engine, settings, job.training_file, job.tenant_id, "training_file")
+    valid_file = (
+        file_path(engine, settings, job.validation_file, job.tenant_id, "validation_file") if job.validation_file else None
+    )
+    with engine.connect() as conn:
+        tenant_name = conn.execute(select(Tenant.__table__.c.name).where(Tenant.__table__.c.id == job.tenant_id)).scalar()
+    ft_name = fine_tuned_model_name(job.model, tenant_name or job.tenant_id, job.suffix, job.id)
+    out_dir = job_output_dir(settings, job.id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    callback = DbCallback(engine, job.id, ft_name, job.tenant_id, Path(settings.artifacts_dir), lease, deadline)
+    config = TrainConfig.from_dict(job.config)
+    cuda_oom = _cuda_oom()
+    try:
+        result = train(
+            model_dir=model_dir,
+            train_file=train_file,
+            output_dir=out_dir,
+            config=config,
+            valid_file=valid_file,
+            callback=callback,
+            resume=True,
+        )
+    except (OutOfMemory, MemoryError) as e:
+        raise JobFailed(
+            "out_of_memory",
+            f"Training ran out of memory ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}). "
+            "Lower batch_size, max_seq_length or lora_r, or turn on gradient_checkpointing.",
+        ) from e
+    except DatasetError as e:
+        raise JobFailed("invalid_training_file", str(e).splitlines()[0] if str(e) else "invalid training data", "training_file") from e
+    except cuda_oom as e:  # torch.cuda.OutOfMemoryError escaping train()
+        raise JobFailed(
+            "out_of_memory",
+            "Training ran out of GPU memory. Lower batch_size, max_seq_length or lora_r, or turn on gradient_checkpointing.",
+        ) from e
+
+    if result.status != "completed":
+        return callback.stop_reason or "cancelled"
+    if result.adapter_dir is None:
+        raise RuntimeError("training completed without a final adapter")
+    archive = pack_adapter(result.adapter_dir, out_dir / "adapter.tar.gz")
+    rel = archive.relative_to(settings.artifacts_dir).as_posix()
+    finished = int(time.time())
+    progress = {"steps_completed": result.steps, "total_steps": result.total_steps, "seconds_remaining": 0}
+    # The job row and its model row change together: a job is never succeeded without its model.
+    jobs = Job.__table__
+    with engine.begin() as conn:
+        changed = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job.id, jobs.c.lease_owner == owner, jobs.c.status == "running")
+            .values(
+                status="succeeded",
+                fine_tuned_model=ft_name,
+                trained_tokens=int(result.trained_tokens),
+                finished_at=finished,
+                adapter_path=rel,
+                progress=progress,
+                estimated_finish=None,
+            )
+        ).rowcount
+        if changed != 1:
+            log.warning("job %s changed under us (cancelled or taken over); not publishing", job.id)
+            return "lease_lost"
+        exists = conn.execute(select(_models.c.id).where(_models.c.id == ft_name)).first()
+        if exists is None:
+            conn.execute(
+                insert(_models).values(
+                    id=ft_name,
+                    tenant_id=job.tenant_id,
+                    kind="fine_tuned",
+                    base_model=job.model,
+                    job_id=job.id,
+                    artifact_path=rel,
+                    owned_by=job.tenant_id,
+                    created_at=finished,
+                )
+            )
+    from worker.events import add_event
+
+    add_event(engine, job.id, f"New fine-tuned model created: {ft_name}")
+    add_event(engine, job.id, "The job has successfully completed")
+    return "succeeded"
+
+
+def _cuda_oom() -> type[BaseException]:
+    import torch
+
+    return getattr(torch.cuda, "OutOfMemoryError", MemoryError)
