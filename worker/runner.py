@@ -133,7 +133,8 @@ class DbCallback(TrainingCallback):
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
         path = Path(path)
-        rel = path.relative_to(self.artifacts_dir).as_posix() if path.is_relative_to(self.artifacts_dir) else str(path)
+        root = self.artifacts_dir.resolve()
+        rel = path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else str(path)
         state = path / "state.pt"
         row = {
             "id": new_id("ftckpt"),

@@ -1,7 +1,7 @@
 """The `running` step of a job: call `qlora_core.train.train` and publish what it produced.
 
-On completion the adapter is packed as `artifacts_dir/jobs/<id>/adapter.tar.gz` (the two PEFT
-files at the archive's root, so `tar xzf` + `PeftModel.from_pretrained(dir)` works), the job gets
+On completion the adapter is packed as `artifacts_dir/jobs/<id>/adapter.tar.gz` (the PEFT files
+at the archive's root, so `tar xzf` + `PeftModel.from_pretrained(dir)` works), the job gets
 an OpenAI-shaped model name `ft:<base>:<tenant>:<suffix>:<id>`, and a `fine_tuned` Model row is
 listed for the tenant. Imported only inside a training child (torch).
 """
@@ -9,9 +9,7 @@ listed for the tenant. Imported only inside a training child (torch).
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,25 +37,6 @@ def fine_tuned_model_name(base: str, tenant: str, suffix: str | None, job_id: st
 
     short = job_id.split("-", 1)[-1]
     return f"ft:{clean(base)}:{clean(tenant)}:{clean(suffix or '')}:{short}"
-
-
-def pack_adapter(adapter_dir: Path, archive: Path) -> Path:
-    """Write `adapter_dir`'s files at the root of a .tar.gz, atomically (temp file + rename).
-
-    Raises:
-        FileNotFoundError: the adapter directory lacks `adapter_config.json` or the weights.
-    """
-    adapter_dir = Path(adapter_dir)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter_dir / name).is_file():
-            raise FileNotFoundError(f"{adapter_dir} has no {name}")
-    tmp = archive.with_name(archive.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for f in sorted(adapter_dir.iterdir()):
-            if f.is_file():
-                tar.add(f, arcname=f.name)
-    os.replace(tmp, archive)
-    return archive
 
 
 def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: Any, deadline: float) -> str:
@@ -104,26 +83,26 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
             callback=callback,
             resume=True,
         )
-    except (OutOfMemory, MemoryError) as e:
+    except OutOfMemory as e:  # its message already says what to lower
+        raise JobFailed("out_of_memory", str(e).strip().splitlines()[0]) from e
+    except (MemoryError, cuda_oom) as e:
         raise JobFailed(
             "out_of_memory",
-            f"Training ran out of memory ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}). "
-            "Lower batch_size, max_seq_length or lora_r, or turn on gradient_checkpointing.",
+            "Training ran out of memory: lower batch_size, max_seq_length or lora_r, or turn on gradient_checkpointing.",
         ) from e
     except DatasetError as e:
         raise JobFailed("invalid_training_file", str(e).splitlines()[0] if str(e) else "invalid training data", "training_file") from e
-    except cuda_oom as e:  # torch.cuda.OutOfMemoryError escaping train()
-        raise JobFailed(
-            "out_of_memory",
-            "Training ran out of GPU memory. Lower batch_size, max_seq_length or lora_r, or turn on gradient_checkpointing.",
-        ) from e
 
     if result.status != "completed":
         return callback.stop_reason or "cancelled"
     if result.adapter_dir is None:
         raise RuntimeError("training completed without a final adapter")
-    archive = pack_adapter(result.adapter_dir, out_dir / "adapter.tar.gz")
-    rel = archive.relative_to(settings.artifacts_dir).as_posix()
+    from service.storage import build_adapter_archive
+
+    # Built once here so the download endpoint streams a finished file (service.storage packs
+    # only the PEFT files, at the archive root). The job and model rows point at the directory.
+    build_adapter_archive(Path(result.adapter_dir), out_dir / "adapter.tar.gz")
+    rel = Path(result.adapter_dir).resolve().relative_to(Path(settings.artifacts_dir).resolve()).as_posix()
     finished = int(time.time())
     progress = {"steps_completed": result.steps, "total_steps": result.total_steps, "seconds_remaining": 0}
     # The job row and its model row change together: a job is never succeeded without its model.

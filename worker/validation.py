@@ -100,10 +100,7 @@ def validate_job_files(engine: Engine, settings: Settings, job: Any, emit: Calla
             f"Validated {name}: {stats.n_examples} examples, {stats.n_tokens} tokens "
             f"({stats.n_supervised_tokens} trained on)"
         )
-        if stats.n_truncated or stats.n_dropped:
-            n = stats.n_truncated or stats.n_dropped
-            what = "truncated" if config.overlong == "truncate" else "dropped"
-            emit(f"{n} example(s) of the {name} are longer than max_seq_length={config.max_seq_length} and were {what}", "warn")
+        # (train() itself warns about truncated or dropped examples; not repeated here.)
         if kept <= 0 or stats.n_supervised_tokens == 0:
             raise JobFailed(
                 "invalid_training_file",
