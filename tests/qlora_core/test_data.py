@@ -186,10 +186,10 @@ def test_collate_pads_to_longest_row_and_restarts_positions() -> None:
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: see Note: packed attention
 
 
-def token_loss(model, batch: dict[str, torch.Tensor], **extra) -> torch.Tensor:
+def token_loss(model, batch: dict[str, torch.Tensor], use_cache: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropies over supervised positions / their number."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False, **extra).logits.float()  # (B, T, V)
+    logits = model(**inputs, use_cache=use_cache).logits.float()  # (B, T, V)
     target = batch["labels"][:, 1:]  # (B, T-1)
     losses = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX)
@@ -239,15 +239,23 @@ def test_packed_batch_gives_the_same_loss_as_its_rows(tok, attn: str) -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_packing_without_restarted_positions_leaks_across_examples(tok) -> None:
-    """The check above can fail: with positions running on (no boundaries), the loss changes."""
+@pytest.mark.parametrize("mistake", ["positions_run_on", "model_uses_cache"])
+def test_packing_leaks_across_examples_when_misused(tok, mistake: str) -> None:
+    """The check above can fail. Positions that run on hide the example boundaries; and with
+    `use_cache=True` (the config default) transformers skips packed-sequence detection, which is
+    why the training loss must call the model with `use_cache=False` (see Note: packed attention).
+    """
     model = tiny_llama(tok, "sdpa")
     packed, unpacked = packed_and_unpacked(tok)
     width = packed["input_ids"].shape[1]
-    leaky = dict(packed, position_ids=torch.arange(width).expand_as(packed["input_ids"]))
     with torch.no_grad():
-        diff = (token_loss(model, leaky) - token_loss(model, unpacked)).abs()
-    assert diff > 1e-3
+        expected = token_loss(model, unpacked)
+        if mistake == "positions_run_on":
+            leaky = dict(packed, position_ids=torch.arange(width).expand_as(packed["input_ids"]))
+            got = token_loss(model, leaky)
+        else:
+            got = token_loss(model, packed, use_cache=True)
+    assert (got - expected).abs() > 1e-4
 
 
 @pytest.mark.slow
