@@ -1,0 +1,85 @@
+"""The official `openai` SDK against a live uvicorn: files and fine-tuning jobs, unchanged client code.
+
+No worker runs here (jobs stay `validating_files` until cancelled); the worker tests train
+end to end. Jobs go to the real embedded broker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from qlora_core.store import BUNDLED_MODEL_ID
+from tests.api.conftest import jsonl
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(settings, alice):
+    port = _free_port()
+    env = {**os.environ, "QLORA_DATA_DIR": str(settings.data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("uvicorn did not start")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_sdk_files_and_jobs_round_trip(server, alice, bob, tmp_path):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=alice.key, max_retries=0)
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(jsonl(12))
+    f = client.files.create(file=data.open("rb"), purpose="fine-tune")
+    assert f.id.startswith("file-") and f.bytes == data.stat().st_size and f.purpose == "fine-tune"
+    assert [x.id for x in client.files.list()] == [f.id]
+    assert client.files.retrieve(f.id).filename == "train.jsonl"
+    assert client.files.content(f.id).read() == data.read_bytes()
+
+    job = client.fine_tuning.jobs.create(model=BUNDLED_MODEL_ID, training_file=f.id, suffix="sdk",
+                                         hyperparameters={"n_epochs": 2}, seed=7,
+                                         extra_body={"qlora": {"lora_r": 8, "max_steps": 2}})
+    assert job.status == "validating_files" and job.seed == 7 and job.hyperparameters.n_epochs == 2
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+    assert client.fine_tuning.jobs.retrieve(job.id).model == BUNDLED_MODEL_ID
+    events = client.fine_tuning.jobs.list_events(job.id)
+    assert events.data[0].message.startswith("Created fine-tuning job")
+    assert list(client.fine_tuning.jobs.checkpoints.list(job.id)) == []
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    assert BUNDLED_MODEL_ID in [m.id for m in client.models.list()]
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model="no/such", training_file=f.id)
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    other = openai.OpenAI(base_url=f"{server}/v1", api_key=bob.key, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="sk-qlora-wrongwrongwrong", max_retries=0).files.list()
+
+    assert client.files.delete(f.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
