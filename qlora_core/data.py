@@ -54,21 +54,32 @@ class DataStats:
     n_empty: int = 0  # dropped because no token was left to supervise (e.g. truncated away)
 
 
-def _to_messages(example: dict) -> tuple[list[dict[str, str]], list[bool]]:
-    """Normalise any accepted format to chat messages and which of them are supervised."""
-    if "messages" in example:
+def _to_messages(example: dict, fmt: str) -> tuple[list[dict[str, str]], list[bool]]:
+    """Normalise a chat, prompt/completion or alpaca example to messages and which are supervised."""
+    if fmt == "chat":
         messages = [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
         trained = [m["role"] == "assistant" and m.get("weight", 1) == 1 for m in example["messages"]]
         return messages, trained
-    if "prompt" in example:
+    if fmt == "prompt_completion":
         prompt, completion = example["prompt"] or "", example["completion"]
-    elif "instruction" in example:
+    elif fmt == "alpaca":
         extra = example.get("input") or ""
         prompt = example["instruction"] + (f"\n\n{extra}" if extra else "")
         completion = example["output"]
     else:
         raise ValueError(f"example has no conversational form: keys {sorted(example)}")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], [False, True]
+
+
+# Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py).
+_ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
+                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+
+
+def _alpaca_prompt(example: dict) -> str:
+    extra = example.get("input") or ""
+    return _ALPACA_PROMPT.format(ctx=", paired with an input that provides further context" if extra else "",
+                                 instruction=example["instruction"], input=f"### Input:\n{extra}\n\n" if extra else "")
 
 
 def _end_of_turn(text: str, start: int, specials: list[str]) -> int:
@@ -92,11 +103,13 @@ def _render(tokenizer: PreTrainedTokenizerBase, example: dict
     if fmt == "text":
         text = example["text"] + eos
         return text, [(0, len(text))], [], True
-    messages, trained = _to_messages(example)
+    messages, trained = _to_messages(example, fmt)
     if tokenizer.chat_template is None:
         if fmt == "chat":
             raise ValueError("chat examples need a tokenizer with a chat_template")
         prompt, completion = messages[0]["content"], messages[1]["content"] + eos
+        if fmt == "alpaca":  # a base model without a template gets Stanford Alpaca's prompt
+            prompt = _alpaca_prompt(example)
         return prompt + completion, [(len(prompt), len(prompt) + len(completion))], [], True
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     # Longest first, so "<|im_end|>" wins over a shorter special token that prefixes it.

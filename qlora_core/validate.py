@@ -91,7 +91,11 @@ class DatasetError(ValueError):
 
 
 def detect_format(obj: dict) -> str | None:
-    """Name the format of one parsed example, or None when no format (or more than one) matches.
+    """Name the format of one parsed example, or None when none matches.
+
+    When an object has the keys of several formats, the most structured wins (chat, then
+    prompt/completion, then alpaca, then text): e.g. `tatsu-lab/alpaca` rows carry a rendered
+    "text" beside instruction/input/output, and the structured fields are what we mask by.
 
     Args:
         obj: a decoded JSON object.
@@ -100,10 +104,11 @@ def detect_format(obj: dict) -> str | None:
         "chat", "prompt_completion", "alpaca", "text", or None.
     """
     matches = _matching_formats(obj)
-    return matches[0] if len(matches) == 1 else None
+    return matches[0] if matches else None
 
 
 def _matching_formats(obj: dict) -> list[str]:
+    # FORMAT_KEYS is in priority order.
     return [fmt for fmt, keys in FORMAT_KEYS.items() if all(k in obj for k in keys)]
 
 
@@ -185,8 +190,6 @@ def check_example(obj: Any) -> tuple[str | None, list[tuple[str, str]]]:
         keys = ", ".join(sorted(str(k)[:40] for k in list(obj)[:10])) or "none"
         return None, [("unknown_format", f"unknown format (keys: {keys}); expected 'messages', "
                                          "'prompt'+'completion', 'instruction'+'output' or 'text'")]
-    if len(matches) > 1:
-        return None, [("unknown_format", f"ambiguous format: matches {' and '.join(matches)}")]
     fmt = matches[0]
     problems: list[tuple[str, str]] = []
     if fmt == "chat":

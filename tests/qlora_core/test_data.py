@@ -97,6 +97,12 @@ def test_without_chat_template_prompt_and_completion_are_concatenated(tok) -> No
     ex, _ = tokenize_example(plain, {"prompt": "Q: 2+2? A:", "completion": " 4"}, 1024, False)
     assert tok.decode(ex.input_ids) == "Q: 2+2? A: 4" + EOT
     assert supervised_segments(tok, ex) == [" 4" + EOT]
+    ex, _ = tokenize_example(plain, {"instruction": "Add the numbers.", "input": "3 4", "output": "7"}, 1024, False)
+    assert tok.decode(ex.input_ids) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n"
+        "### Input:\n3 4\n\n### Response:\n7" + EOT)
+    assert supervised_segments(tok, ex) == ["7" + EOT]
     with pytest.raises(ValueError, match="chat_template"):
         tokenize_example(plain, CHAT, 1024, False)
 

@@ -43,6 +43,9 @@ def test_four_formats_are_accepted_and_counted() -> None:
     assert report.formats == {"chat": 2, "prompt_completion": 1, "alpaca": 2, "text": 1}
     assert [detect_format(o) for o in (CHAT, PROMPT, ALPACA, TEXT, {"q": 1})] == [
         "chat", "prompt_completion", "alpaca", "text", None]
+    # tatsu-lab/alpaca rows carry a rendered "text" too: the structured fields win.
+    assert detect_format({**ALPACA, "text": "### Instruction: ..."}) == "alpaca"
+    assert detect_format({**PROMPT, **CHAT}) == "chat"
 
 
 BAD_EXAMPLES = [
@@ -53,7 +56,7 @@ BAD_EXAMPLES = [
     ("[1, 2]", "data_type"),
     ('"just a string"', "data_type"),
     ({"question": "q", "answer": "a"}, "unknown_format"),
-    ({"prompt": "p", "completion": "c", "text": "t"}, "unknown_format"),
+    ({"prompt": "p"}, "unknown_format"),
     ({"messages": "hello"}, "missing_messages_list"),
     ({"messages": []}, "missing_messages_list"),
     ({"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}, "message_missing_key"),
