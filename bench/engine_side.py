@@ -1,0 +1,125 @@
+"""Our side of the benchmark: `qlora_core.train.train` with the engine's own defaults.
+
+Only what the two sides must share is set (batch size, gradient accumulation, max length, seed,
+one pass over the same examples); everything else is the `TrainConfig` default a user gets.
+`--set key=value` overrides a field for experiments (never used by `make bench`'s headline).
+
+Run as a child of `bench_engine_vs_reference.py` (one fresh process per run, so that its peak RSS
+is its own). Timing comes from the engine's callback: setup ends at `on_start` (tokenizer, model
+load, LoRA, optimizer), training ends at the last step's `on_metrics`; saving the final checkpoint
+and adapter is reported apart, as the reference does not save inside its timed region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from qlora_core.config import TrainConfig  # noqa: E402
+from qlora_core.train import TrainingCallback, train  # noqa: E402
+
+logger = logging.getLogger("bench.engine")
+
+
+class _Timer(TrainingCallback):
+    """Records when setup ended and when each optimizer step was reported."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.last_metrics: float | None = None
+        self.info: dict = {}
+        self.losses: list[float] = []
+
+    def on_start(self, info: dict) -> None:
+        self.started = time.perf_counter()
+        self.info = info
+
+    def on_metrics(self, step: int, metrics: dict) -> None:
+        self.last_metrics = time.perf_counter()
+        self.losses.append(float(metrics["train_loss"]))
+
+    def on_message(self, level: str, message: str) -> None:
+        logger.info("[%s] %s", level, message)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn `key=value` strings into TrainConfig fields, with the field's own type.
+
+    Raises:
+        ValueError: for an unknown field or a value that does not parse.
+    """
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in kinds:
+            raise ValueError(f"--set expects FIELD=VALUE with a TrainConfig field, got {item!r}")
+        # JSON covers ints, floats, true/false, null and lists; a bare word stays a string.
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, type=Path)
+    parser.add_argument("--train-file", required=True, type=Path)
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--result-json", required=True, type=Path)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    overrides = parse_overrides(args.set)
+    config = TrainConfig(
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_seq_length=args.max_len,
+        seed=args.seed,
+        n_epochs=1,  # one pass over the same examples as the reference
+        **overrides,
+    )
+    timer = _Timer()
+    t0 = time.perf_counter()
+    result = train(args.model_dir, args.train_file, args.output_dir, config, callback=timer, resume=False)
+    t_end = time.perf_counter()
+    if timer.started is None or timer.last_metrics is None:
+        raise RuntimeError(f"engine reported no start or no step (status {result.status})")
+
+    out = {
+        "side": "engine",
+        "load_s": timer.started - t0,
+        "train_s": timer.last_metrics - timer.started,
+        "save_s": t_end - timer.last_metrics,
+        "steps": result.steps,
+        "n_examples": timer.info.get("n_examples"),
+        "n_supervised_tokens": result.metrics.get("supervised_tokens"),
+        "trained_tokens": result.trained_tokens,
+        "train_losses": timer.losses,
+        "adapter_dir": str(result.adapter_dir),
+        "overrides": overrides,
+        "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+    args.result_json.write_text(json.dumps(out, indent=2))
+    logger.info("engine: load %.1fs train %.1fs steps %d losses %s", out["load_s"], out["train_s"], result.steps, timer.losses)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
