@@ -1,0 +1,145 @@
+"""End to end, over HTTP with the official `openai` SDK, against a live API and a real Celery
+worker process, in the embedded and the production mode: a whole job from upload to an adapter
+that `PeftModel.from_pretrained` loads, events over Server-Sent Events, and cancelling a running job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import TINY_MODEL_ID, LiveService
+
+pytestmark = pytest.mark.slow
+
+JOB_TIMEOUT_S = 300
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def _training_file(n: int) -> bytes:
+    lines = []
+    for i in range(n):
+        lines.append(json.dumps({"messages": [
+            {"role": "system", "content": "You add numbers."},
+            {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+            {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."},
+        ]}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _create_job(live: LiveService, n_examples: int, max_steps: int, n_checkpoints: int | None = None) -> tuple[Any, float]:
+    client = live.client()
+    upload = client.files.create(file=("train.jsonl", io.BytesIO(_training_file(n_examples))), purpose="fine-tune")
+    qlora: dict[str, Any] = {"lora_r": 4, "lora_alpha": 8, "max_seq_length": 64, "max_steps": max_steps,
+                             "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
+    if n_checkpoints:
+        qlora["n_checkpoints"] = n_checkpoints
+    t0 = time.monotonic()
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID, training_file=upload.id, suffix="e2e", seed=7,
+        hyperparameters={"n_epochs": 1, "batch_size": 2}, extra_body={"qlora": qlora},
+    )
+    return job, t0
+
+
+def _sse_events(live: LiveService, job_id: str, until_metrics: bool = False) -> list[dict[str, Any]]:
+    """Read the job's event stream (oldest first) until it ends, or until the first metrics event."""
+    events: list[dict[str, Any]] = []
+    url = f"{live.base_url}/v1/fine_tuning/jobs/{job_id}/events"
+    with httpx.stream("GET", url, params={"stream": "true"}, headers=live.headers,
+                      timeout=httpx.Timeout(JOB_TIMEOUT_S, connect=10)) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+                if until_metrics and events[-1]["type"] == "metrics":
+                    break
+    return events
+
+
+def _wait_finished(live: LiveService, job_id: str) -> Any:
+    client = live.client()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in FINISHED:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish:\n{live.log_tail()}")
+
+
+def test_whole_job_from_upload_to_peft_adapter(live: LiveService, tmp_path: Path) -> None:
+    job, t0 = _create_job(live, n_examples=20, max_steps=4, n_checkpoints=2)
+    assert job.status == "validating_files"
+
+    events = _sse_events(live, job.id)
+    metrics = [e for e in events if e["type"] == "metrics"]
+    print(f"\n[{live.mode}] job creation -> first metrics event (SSE): "
+          f"{_first_metrics_delay(live, job.id, t0, events):.1f} s")
+    job = _wait_finished(live, job.id)
+    assert job.status == "succeeded", f"{job.error}\n{live.log_tail()}"
+    # Exactly one metrics event per logged step, in order, with OpenAI's fields.
+    assert [e["data"]["step"] for e in metrics] == [1, 2, 3, 4]
+    assert all({"train_loss", "train_mean_token_accuracy"} <= set(e["data"]) for e in metrics)
+    assert [e["message"] for e in events if e["type"] == "message"][-1] == "The job has successfully completed"
+
+    assert job.fine_tuned_model.startswith(f"ft:{TINY_MODEL_ID}:e2e:e2e:")
+    assert job.trained_tokens > 0 and job.finished_at >= job.created_at
+    client = live.client()
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in ckpts] == [4, 2]  # newest first; the last is the final step
+    assert ckpts[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"
+    assert job.fine_tuned_model in {m.id for m in client.models.list().data}
+
+    resp = httpx.get(f"{live.base_url}/v1/fine_tuning/jobs/{job.id}/adapter", headers=live.headers, timeout=60)
+    assert resp.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:gz") as tar:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
+        tar.extractall(tmp_path / "adapter", filter="data")
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_core.store import ModelStore
+
+    base = AutoModelForCausalLM.from_pretrained(ModelStore(live.data_dir / "models").model_path(TINY_MODEL_ID))
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    # LoRA's B starts at zero: a trained adapter has moved it.
+    assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)
+    assert not any(torch.isnan(p).any() for p in lora_b)
+
+
+def test_cancel_a_running_job(live: LiveService) -> None:
+    job, _ = _create_job(live, n_examples=40, max_steps=400)
+    first = _sse_events(live, job.id, until_metrics=True)
+    assert first and first[-1]["type"] == "metrics", live.log_tail()
+    client = live.client()
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status in ("running", "cancelled")
+    job = _wait_finished(live, job.id)
+    assert job.status == "cancelled", f"{job.status} {job.error}\n{live.log_tail()}"
+    assert job.fine_tuned_model is None and job.finished_at is not None
+    # Nothing partial is published as final.
+    resp = httpx.get(f"{live.base_url}/v1/fine_tuning/jobs/{job.id}/adapter", headers=live.headers, timeout=30)
+    assert resp.status_code == 400
+    assert not (live.data_dir / "artifacts" / "jobs" / job.id / "adapter").exists()
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert messages[0] == "Fine-tuning job cancelled"  # newest first
+    steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"]
+    assert 0 < len(steps) < 400
+
+
+def _first_metrics_delay(live: LiveService, job_id: str, t0: float, events: list[dict[str, Any]]) -> float:
+    """Seconds from job creation to the first metrics event, from the events' own timestamps."""
+    created = live.client().fine_tuning.jobs.retrieve(job_id).created_at
+    first = next(e["created_at"] for e in events if e["type"] == "metrics")
+    return float(first - created)
