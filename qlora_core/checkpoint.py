@@ -173,24 +173,39 @@ def save_adapter(model: torch.nn.Module, output_dir: str | Path) -> Path:
     return final
 
 
-def load_checkpoint(model: torch.nn.Module, checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's adapter weights into `model` (in place) and return its state dict.
+def read_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The `state.pt` of a complete checkpoint (tensors on CPU).
 
     Raises:
-        CheckpointError: if the dir is incomplete or the adapter does not match the model.
+        CheckpointError: if the dir is incomplete.
+    """
+    path = Path(checkpoint_dir)
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker)")
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_adapter_weights(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
+    """Copy a checkpoint's (or final adapter's) LoRA tensors into a PEFT model, in place.
+
+    Raises:
+        CheckpointError: if the file lacks some of the model's LoRA tensors.
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = Path(checkpoint_dir)
-    if not (path / COMPLETE).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker)")
-    weights = load_file(str(path / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(model, weights)
+    result = set_peft_model_state_dict(model, load_file(str(path / ADAPTER_WEIGHTS)))
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks adapter tensors, e.g. {missing[:3]}")
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(model: torch.nn.Module, checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's adapter into `model` and return its state (`read_state`)."""
+    state = read_state(checkpoint_dir)
+    load_adapter_weights(model, checkpoint_dir)
+    return state
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -175,6 +175,7 @@ def _run(
         target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing,
     )
+    _keep_4bit_layout(model)
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optimizer, config.learning_rate, config.weight_decay, device, cb.on_message)
@@ -193,8 +194,9 @@ def _run(
     state = {"step": 0, "epoch": 0, "group": 0, "trained_tokens": 0, "supervised_tokens": 0, "history": []}
     latest = ckpt.latest_checkpoint(output_dir) if resume else None
     if latest is not None:
-        saved = ckpt.load_checkpoint(model, latest)
+        saved = ckpt.read_state(latest)
         _check_resumable(saved["config"], config, latest)
+        ckpt.load_adapter_weights(model, latest)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.restore_rng_state(saved["rng"])
@@ -413,6 +415,23 @@ def _evaluate(model: torch.nn.Module, batches: list[dict], device: torch.device,
     finally:
         model.train()
     return {"valid_loss": loss / max(tokens, 1), "valid_mean_token_accuracy": correct / max(tokens, 1)}
+
+
+def _keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during evaluation.
+
+    # Note: CPU inference repacking. bitsandbytes 0.50's `Linear4bit.forward`, on an AVX512-BF16 CPU
+    # in eval mode without grad, rewrites the weight in place into a layout for its fused gemv and
+    # expands double-quantized scales; `state_dict()` (every adapter save) converts it back
+    # "best-effort". After one evaluation the frozen base computes slightly differently, so a run
+    # that evaluated is not reproducible from its checkpoint. Training keeps the trained layout.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
