@@ -49,6 +49,13 @@ def _hyperparameters(req: JobCreate) -> tuple[Hyperparameters, str]:
     return req.hyperparameters or Hyperparameters(), "hyperparameters"
 
 
+def hyperparameters_param(req: JobCreate) -> str:
+    """Where the request's hyperparameters live, as a param path for error messages."""
+    if req.method is not None and req.method.supervised and req.method.supervised.hyperparameters is not None:
+        return "method.supervised.hyperparameters"
+    return "hyperparameters"
+
+
 def _check_int(value: Any, lo: int, hi: int, param: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise bad_request(f"Invalid value for '{param}': must be \"auto\" or an integer between {lo} and {hi}, "

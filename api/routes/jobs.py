@@ -19,7 +19,8 @@ from sqlalchemy import func, select, update
 from api.basemodels import base_model
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
-from api.jobspec import check_metadata, resolve_config
+from api.fitcheck import check_fit
+from api.jobspec import check_metadata, hyperparameters_param, resolve_config
 from api.routes.pagination import paginate
 from api.schemas import FINISHED, UNFINISHED, ErrorResponse, JobCreate, JobList, JobObject
 from service import queue
@@ -58,7 +59,11 @@ def _check_file(session: SessionDep, tenant_id: str, file_id: str, param: str) -
 @router.post("", response_model=JobObject)
 def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, session: SessionDep,
                settings: SettingsDep) -> JobObject:
-    """Create a fine-tuning job; it starts as `validating_files` and is handed to a worker."""
+    """Create a fine-tuning job; it starts as `validating_files` and is handed to a worker.
+
+    A job whose estimated peak memory exceeds the largest live worker's device is refused with
+    400 `insufficient_device_memory` (api/fitcheck.py).
+    """
     if base_model(settings.models_dir, req.model) is None:
         raise APIError(400, f"Model {req.model!r} does not exist or is not available for fine-tuning. "
                        "GET /v1/models lists the base models.", param="model", code="model_not_found")
@@ -70,6 +75,8 @@ def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, sessi
         _check_file(session, principal.tenant_id, req.validation_file, "validation_file")
     metadata = check_metadata(req.metadata)
     config, requested, method = resolve_config(req)
+    # Refuse now what no worker can hold, rather than failing out of memory after the queue.
+    estimated = check_fit(session, settings, req.model, config, hyperparameters_param(req))
 
     unfinished = session.scalar(select(func.count()).select_from(Job).where(
         Job.api_key_id == principal.key_id, Job.status.in_(UNFINISHED)))
@@ -81,7 +88,8 @@ def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, sessi
     job = Job(id=new_id("ftjob"), tenant_id=principal.tenant_id, api_key_id=principal.key_id, model=req.model,
               training_file=req.training_file, validation_file=req.validation_file, status="validating_files",
               suffix=req.suffix, seed=config["seed"], user_metadata=metadata, hyperparameters=requested,
-              config=config, method=method, attempts=0)
+              config=config, method=method, attempts=0,
+              estimated_memory_bytes=estimated)
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")

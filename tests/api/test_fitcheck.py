@@ -1,0 +1,113 @@
+"""The fit check at job creation (api/fitcheck.py): estimate recorded, refused when no worker fits.
+
+Worker rows are inserted straight into the `workers` table: that is exactly the data a running
+worker writes (worker/main.py), and no real worker process is needed to test what the API reads.
+The base model is the tiny random Llama imported into the test's model store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from api.fitcheck import GIB, estimate_job_memory, model_config_json
+from qlora_core.store import ModelStore
+from service.database import session_scope
+from service.db import Job, Worker
+from tests.api.conftest import assert_error, jsonl, upload
+
+TINY_ID = "test/tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A model store holding the tiny Llama, imported once for the module."""
+    root = tmp_path_factory.mktemp("fit-store")
+    ModelStore(root).import_model(tiny_model_dir, TINY_ID)
+    return root
+
+
+@pytest.fixture()
+def tiny(settings, tiny_store: Path) -> str:
+    for d in tiny_store.iterdir():
+        if d.is_dir() and not d.name.startswith("."):
+            shutil.copytree(d, Path(settings.models_dir) / d.name)
+    return TINY_ID
+
+
+@pytest.fixture()
+def train_file(client, alice) -> str:
+    return upload(client, alice, jsonl(12)).json()["id"]
+
+
+def add_worker(settings, name: str, memory_bytes: int, seen_s_ago: int = 0, alive: bool = True) -> None:
+    t = int(time.time())
+    with session_scope(settings.database_url) as s:
+        s.add(Worker(id=name, device=f"cuda:0 ({name})", device_memory_bytes=memory_bytes, started_at=t - 3600,
+                     last_seen_at=t - seen_s_ago, alive=alive))
+
+
+def create(client, tenant, model: str, training_file: str, batch_size: int = 8, **qlora):
+    qlora.setdefault("max_seq_length", 512)
+    return client.post("/v1/fine_tuning/jobs", headers=tenant.headers, json={
+        "model": model, "training_file": training_file, "hyperparameters": {"batch_size": batch_size},
+        "qlora": qlora})
+
+
+def expected_bytes(settings, model: str, job: dict) -> int:
+    with session_scope(settings.database_url) as s:
+        cfg = s.scalar(select(Job.config).where(Job.id == job["id"]))
+    return estimate_job_memory(model_config_json(settings.models_dir, model), cfg)["total_bytes"]
+
+
+def test_no_worker_reported_accepts_and_records_the_estimate(client, alice, tiny, train_file, settings):
+    resp = create(client, alice, tiny, train_file)
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert job["estimated_memory_bytes"] == expected_bytes(settings, tiny, job)
+    # Twice the batch needs more memory: the estimate follows the job's own config.
+    bigger = create(client, alice, tiny, train_file, batch_size=16).json()
+    assert bigger["estimated_memory_bytes"] > job["estimated_memory_bytes"]
+
+
+def test_refused_when_no_live_worker_fits(client, alice, tiny, train_file, settings):
+    need = create(client, alice, tiny, train_file).json()["estimated_memory_bytes"]
+    add_worker(settings, "small-gpu", need // 2)
+    add_worker(settings, "big-but-silent", need * 100, seen_s_ago=3600)  # stopped heart-beating long ago
+    add_worker(settings, "big-but-dead", need * 100, alive=False)
+    err = assert_error(create(client, alice, tiny, train_file), 400, "insufficient_device_memory")
+    assert f"{need / GIB:.1f} GiB" in err["message"] and "4-bit base" in err["message"]
+    assert "cuda:0 (small-gpu)" in err["message"] and f"{need // 2 / GIB:.1f} GiB" in err["message"]
+    assert err["param"] in ("hyperparameters.batch_size", "qlora.max_seq_length", "qlora.lora_r",
+                            "qlora.gradient_checkpointing", "model")
+    jobs = client.get("/v1/fine_tuning/jobs", headers=alice.headers).json()["data"]
+    assert len(jobs) == 1  # only the first one, made before any worker reported
+
+
+def test_largest_live_worker_decides_and_a_smaller_job_fits(client, alice, tiny, train_file, settings):
+    small = create(client, alice, tiny, train_file, batch_size=1, max_seq_length=64).json()["estimated_memory_bytes"]
+    big = create(client, alice, tiny, train_file, batch_size=64, max_seq_length=2048, gradient_checkpointing=False)
+    big_need = big.json()["estimated_memory_bytes"]
+    assert small < big_need
+    client.post(f"/v1/fine_tuning/jobs/{big.json()['id']}/cancel", headers=alice.headers)
+    add_worker(settings, "tiny-gpu", small // 2)
+    add_worker(settings, "mid-gpu", (small + big_need) // 2)
+    refused = create(client, alice, tiny, train_file, batch_size=64, max_seq_length=2048, gradient_checkpointing=False)
+    err = assert_error(refused, 400, "insufficient_device_memory", param="qlora.gradient_checkpointing")
+    assert "cuda:0 (mid-gpu)" in err["message"]
+    ok = create(client, alice, tiny, train_file, batch_size=1, max_seq_length=64)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["estimated_memory_bytes"] == small
+
+
+def test_method_form_names_its_batch_size(client, alice, tiny, train_file, settings):
+    add_worker(settings, "one-byte-gpu", 1)
+    resp = client.post("/v1/fine_tuning/jobs", headers=alice.headers, json={
+        "model": tiny, "training_file": train_file,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 8}}}})
+    err = assert_error(resp, 400, "insufficient_device_memory")
+    assert err["param"].startswith(("method.supervised.hyperparameters.", "qlora.", "model"))
