@@ -222,12 +222,16 @@ def estimate_training_memory(
       lora        P_lora * 4, P_lora = L * sum_targets r*(in+out)   adapters train in fp32
       gradients   P_lora * 4
       optimizer   P_lora * 8 (AdamW 32-bit m, v) or ~2 bytes (8-bit)
-      activations per token per layer, in c bytes: 2 norm inputs and 2 outputs (4h), q, k, v
-                  before and after RoPE (2h + 4kv), attention output h, gate, up, act(gate),
-                  act*up (4i), LoRA intermediates (r per adapted linear), 2 residual adds (2h).
-                  With gradient checkpointing only each layer's input (h) is kept, plus one
+      activations what autograd keeps per token per layer (q = heads*head_dim):
+                  2 RMSNorms: fp32 input and c-byte output each         2*(4h + c*h)
+                  LoRA: PEFT casts each adapted layer's input to fp32
+                  and keeps the r-wide A output                          sum_targets 4*(in + r)
+                  q, k before RoPE; q, k, v after it and the output
+                  kept by SDPA                                           c*(3q + 3kv)
+                  MLP: gate, up, act(gate), act*up                       4*i*c
+                  With gradient checkpointing only each layer's input (c*h) is kept, plus one
                   layer's full set while it is recomputed in backward.
-      logits      N * V * 4 * 2   fp32 logits and their gradient (softmax) in the loss
+      logits      N * V * (c + 4 + 4)   logits, their fp32 upcast and log-softmax in the loss
       overhead    runtime_overhead_bytes
     Memory-efficient attention (SDPA flash/efficient kernels) is assumed: no (T, T) matrix.
 
@@ -277,12 +281,20 @@ def estimate_training_memory(
     lora = gradients = 4 * n_lora
     opt = _OPTIMIZER_STATE_BYTES[optimizer] * n_lora
 
-    per_token_layer = (4 * h + 2 * h + 4 * kv + h + 4 * i + lora_r * len(targets) + 2 * h) * c
+    q = shapes["q_proj"][1]
+    # fp32 inputs of LoRA layers are copies only when the compute dtype is not fp32 already.
+    lora_in = 4 if c != 4 else 0
+    per_token_layer = (
+        2 * (4 * h + c * h)  # (B, T, h) fp32 + compute-dtype per norm
+        + sum(lora_in * shapes[t][0] + 4 * lora_r for t in targets)  # (B, T, in), (B, T, r)
+        + c * (3 * q + 3 * kv)  # attention
+        + 4 * i * c  # (B, T, i) x 4 in the MLP
+    )
     if gradient_checkpointing:
         activations = tokens * (n_layers * h * c + per_token_layer)
     else:
         activations = tokens * n_layers * per_token_layer
-    logits = tokens * vocab * 4 * 2
+    logits = tokens * vocab * (c + 4 + 4)
     parts = {
         "base_bytes": int(base),
         "non_quantized_bytes": int(non_quant),
