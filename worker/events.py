@@ -21,6 +21,33 @@ log = logging.getLogger(__name__)
 _events = JobEvent.__table__
 
 
+def event_values(
+    job_id: str,
+    message: str,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+    dedup_key: str | None = None,
+) -> dict[str, Any]:
+    """The row of one event, for callers that insert it inside their own transaction.
+
+    Raises:
+        ValueError: `level` is not one of OpenAI's levels.
+    """
+    if level not in ("info", "warn", "error"):
+        raise ValueError(f"event level must be info, warn or error, got {level!r}")
+    return {
+        "id": new_id("ftevent"),
+        "job_id": job_id,
+        "created_at": now(),
+        "level": level,
+        "type": type,
+        "message": message,
+        "data": data,
+        "dedup_key": dedup_key,
+    }
+
+
 def add_event(
     engine: Engine,
     job_id: str,
@@ -44,18 +71,7 @@ def add_event(
     Returns:
         True when the event was written, False when `dedup_key` had already been recorded.
     """
-    if level not in ("info", "warn", "error"):
-        raise ValueError(f"event level must be info, warn or error, got {level!r}")
-    row = {
-        "id": new_id("ftevent"),
-        "job_id": job_id,
-        "created_at": now(),
-        "level": level,
-        "type": type,
-        "message": message,
-        "data": data,
-        "dedup_key": dedup_key,
-    }
+    row = event_values(job_id, message, level, type, data, dedup_key)
     try:
         with engine.begin() as conn:
             conn.execute(insert(_events).values(**row))

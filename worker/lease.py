@@ -18,9 +18,9 @@ import socket
 import time
 from typing import Any
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, insert, or_, select, update
 
-from service.db import Job
+from service.db import Job, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ ACTIVE_STATUSES = ("validating_files", "queued", "running")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 _jobs = Job.__table__
+_events = JobEvent.__table__
 
 
 def make_owner(nodename: str, pid: int | None = None) -> str:
@@ -129,7 +130,11 @@ def renew(engine: Engine, job_id: str, owner: str, lease_s: int, now: int | None
         .values(lease_expires_at=now + lease_s)
     )
     with engine.begin() as conn:
-        return conn.execute(stmt).rowcount == 1
+        if conn.execute(stmt).rowcount != 1:
+            return False
+        if events:
+            conn.execute(insert(_events), events)
+    return True
 
 
 def release(engine: Engine, job_id: str, owner: str) -> None:
@@ -149,12 +154,15 @@ def transition(
     owner: str,
     from_statuses: tuple[str, ...],
     to_status: str,
+    events: list[dict[str, Any]] | None = None,
     **values: Any,
 ) -> bool:
     """Move the job to `to_status` only if `owner` holds it and it is in one of `from_statuses`.
 
     The condition makes a status change lose, not overwrite, a concurrent change by the API
     (a cancel that already marked a queued job `cancelled`) or by a worker that took over.
+    `events` (rows from `worker.events.event_values`) are written in the same transaction, so
+    a reader who sees the new status also sees the events that announce it.
 
     Returns:
         True when the row changed.
@@ -165,4 +173,8 @@ def transition(
         .values(status=to_status, **values)
     )
     with engine.begin() as conn:
-        return conn.execute(stmt).rowcount == 1
+        if conn.execute(stmt).rowcount != 1:
+            return False
+        if events:
+            conn.execute(insert(_events), events)
+    return True

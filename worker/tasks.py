@@ -24,7 +24,7 @@ from service.db import Job, Worker
 from service.queue import TASK_RUN_JOB
 from service.settings import Settings, get_settings
 from worker.app import app
-from worker.events import add_event
+from worker.events import add_event, event_values
 from worker.lease import ACTIVE_STATUSES, acquire, make_owner, release, transition
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,15 @@ def _execute(engine: Engine, settings: Settings, job_id: str, owner: str, lease:
             from worker.validation import validate_job_files
 
             validate_job_files(engine, settings, job, lambda msg, lvl="info": add_event(engine, job_id, msg, level=lvl))
-            if not transition(engine, job_id, owner, ("validating_files",), "queued"):
+            validated = event_values(job_id, "Files validated, moving job to queued state")
+            if not transition(engine, job_id, owner, ("validating_files",), "queued", events=[validated]):
                 return _status(engine, job_id)
-            add_event(engine, job_id, "Files validated, moving job to queued state")
         started = job.started_at or int(time.time())
-        if not transition(engine, job_id, owner, ("queued", "running"), "running", started_at=started):
-            return _status(engine, job_id)
         resumed = job.status == "running"
-        add_event(engine, job_id, "Fine-tuning job resumed" if resumed else "Fine-tuning job started")
+        started_event = event_values(job_id, "Fine-tuning job resumed" if resumed else "Fine-tuning job started")
+        if not transition(engine, job_id, owner, ("queued", "running"), "running", started_at=started,
+                          events=[started_event]):
+            return _status(engine, job_id)
         from worker.training import train_job
 
         outcome = train_job(engine, settings, _load(engine, job_id), owner, lease, deadline=started + settings.job_time_limit_s)
@@ -135,13 +136,13 @@ def _status(engine: Engine, job_id: str) -> str:
 
 def _fail(engine: Engine, job_id: str, owner: str, code: str, message: str, param: str | None = None) -> None:
     error = {"code": code, "message": message, "param": param}
-    if transition(engine, job_id, owner, ACTIVE_STATUSES, "failed", error=error, finished_at=int(time.time())):
-        add_event(engine, job_id, message, level="error")
+    transition(engine, job_id, owner, ACTIVE_STATUSES, "failed", error=error, finished_at=int(time.time()),
+               events=[event_values(job_id, message, level="error")])
 
 
 def _finish_cancelled(engine: Engine, job_id: str, owner: str) -> str:
-    if transition(engine, job_id, owner, ACTIVE_STATUSES, "cancelled", finished_at=int(time.time())):
-        add_event(engine, job_id, "Fine-tuning job cancelled")
+    transition(engine, job_id, owner, ACTIVE_STATUSES, "cancelled", finished_at=int(time.time()),
+               events=[event_values(job_id, "Fine-tuning job cancelled")])
     return "cancelled"
 
 

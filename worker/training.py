@@ -16,8 +16,9 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from service.db import Job, Model, Tenant
+from service.db import Job, JobEvent, Model, Tenant
 from service.settings import Settings
+from worker.events import event_values
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,14 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
                     created_at=finished,
                 )
             )
-    from worker.events import add_event
-
-    add_event(engine, job.id, f"New fine-tuned model created: {ft_name}")
-    add_event(engine, job.id, "The job has successfully completed")
+        # In the same transaction: whoever sees `succeeded` also sees the closing events.
+        conn.execute(
+            insert(JobEvent.__table__),
+            [
+                event_values(job.id, f"New fine-tuned model created: {ft_name}"),
+                event_values(job.id, "The job has successfully completed"),
+            ],
+        )
     return "succeeded"
 
 
