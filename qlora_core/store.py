@@ -153,12 +153,17 @@ class ModelStore:
         info["path"] = str(path)
         return info
 
-    def list_models(self) -> list[dict]:
-        """Every model in the store (registering the bundled one first), sorted by id."""
-        try:
-            self.ensure_bundled()
-        except FileNotFoundError as e:  # a store without the wheel still lists its own models
-            logger.warning("bundled model unavailable: %s", e)
+    def list_models(self, ensure_bundled: bool = True) -> list[dict]:
+        """Every model in the store, sorted by id.
+
+        Args:
+            ensure_bundled: Register the bundled model first (so a fresh store is never empty).
+        """
+        if ensure_bundled:
+            try:
+                self.ensure_bundled()
+            except FileNotFoundError as e:  # a store without the wheel still lists its own models
+                logger.warning("bundled model unavailable: %s", e)
         models = []
         if self.root.is_dir():
             for d in sorted(self.root.iterdir()):
