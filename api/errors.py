@@ -111,7 +111,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
             getattr(exc, "headers", None),
         )
     type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-    return _json(exc.status_code, str(exc.detail), type_, None, None, getattr(exc, "headers", None))
+    code = "request_too_large" if exc.status_code == 413 else None  # api/bodylimit.py
+    return _json(exc.status_code, str(exc.detail), type_, None, code, getattr(exc, "headers", None))
 
 
 async def _database_unavailable(_: Request, exc: DBAPIError) -> JSONResponse:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from api.bodylimit import BodyLimitMiddleware
 from api.errors import install_error_handlers
 from api.ratelimit import SlidingWindowLimiter
 from api.routes import files, health, job_outputs, jobs, models
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute, 60.0)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware)
     # Every /v1 operation may answer these (auth, rate limit, a bad request, the database down).
     common = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
     for r in (files.router, jobs.router, job_outputs.router, models.router):

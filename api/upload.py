@@ -5,21 +5,33 @@ cap checked in the route comes after the whole body was read. Here the request b
 chunk by chunk to python-multipart's push parser and the `file` part goes directly into a
 `service.storage.FileSink`, which counts and hashes the bytes and stops (deleting the partial
 file) the moment the cap is passed.
+
+Note: refusing an upload mid-body. A server that answers before reading the whole request body
+and then closes the connection makes the client's kernel see a reset, and most clients (which
+read the response only after sending everything) report "connection reset" instead of the 413.
+So after a refusal the rest of the body is read and discarded, up to `DRAIN_LIMIT_BYTES`, and the
+error is sent once the client has finished sending: every client sees the 413/400. Past that
+limit (or when `Content-Length` already announces more than the cap plus the limit) the error is
+sent at once with `Connection: close`, trading a clean answer for not reading gigabytes from a
+client that will be refused anyway.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import python_multipart
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from api.errors import APIError, bad_request
 from service.storage import FileSink, StoredFile, UploadTooLarge
 
 MAX_FIELD_BYTES = 64 * 1024
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # See Note: refusing an upload mid-body
+FORM_OVERHEAD_BYTES = 1024 * 1024  # multipart headers and the small form fields around the file
 
 
 @dataclass
@@ -36,6 +48,24 @@ class UploadResult:
     fields: dict[str, str]
 
 
+def _too_large(limit: int, close: bool = False) -> APIError:
+    return APIError(413, f"File is too large: the limit is {limit} bytes.", param="file", code="file_too_large",
+                    headers={"Connection": "close"} if close else None)
+
+
+async def _drain(chunks: AsyncIterator[bytes], limit: int) -> bool:
+    """Read and discard the rest of a request body; False when it is longer than `limit`."""
+    n = 0
+    try:
+        async for chunk in chunks:
+            n += len(chunk)
+            if n > limit:
+                return False
+    except ClientDisconnect:
+        return False
+    return True
+
+
 async def receive_upload(request: Request, sink: FileSink, file_field: str = "file") -> UploadResult:
     """Parse the multipart body of `request`, writing the part named `file_field` into `sink`.
 
@@ -45,6 +75,10 @@ async def receive_upload(request: Request, sink: FileSink, file_field: str = "fi
     Raises:
         APIError: 400 for a body that is not multipart or lacks the file; 413 past the cap.
     """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > sink.max_bytes + FORM_OVERHEAD_BYTES + DRAIN_LIMIT_BYTES:
+        sink.abort()
+        raise _too_large(sink.max_bytes, close=True)
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         sink.abort()
@@ -102,26 +136,31 @@ async def receive_upload(request: Request, sink: FileSink, file_field: str = "fi
         "on_headers_finished": on_headers_finished,
     }
     parser = python_multipart.MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
+    chunks = request.stream()
+    error: APIError | None = None
     try:
-        async for chunk in request.stream():
+        async for chunk in chunks:
             parser.write(chunk)
             if pending:
                 data = b"".join(pending)
                 pending.clear()
                 await run_in_threadpool(sink.write, data)
         parser.finalize()
-    except UploadTooLarge as e:
-        raise APIError(413, f"File is too large: the limit is {e.limit} bytes.", param="file",
-                       code="file_too_large") from None
-    except APIError:
+    except UploadTooLarge as e:  # the sink already deleted the partial file
+        error = _too_large(e.limit)
+    except APIError as e:
         sink.abort()
-        raise
+        error = e
     except python_multipart.exceptions.MultipartParseError as e:
         sink.abort()
-        raise bad_request(f"Malformed multipart body: {e}", param="file", code="invalid_request") from None
+        error = bad_request(f"Malformed multipart body: {e}", param="file", code="invalid_request")
     except BaseException:  # a client that disconnects mid-upload leaves nothing behind
         sink.abort()
         raise
+    if error is not None:
+        if not await _drain(chunks, DRAIN_LIMIT_BYTES):
+            error.headers = {**(error.headers or {}), "Connection": "close"}
+        raise error
     if not state["file_seen"]:
         sink.abort()
         raise bad_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
