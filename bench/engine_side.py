@@ -37,15 +37,16 @@ class _Timer(TrainingCallback):
     def __init__(self) -> None:
         self.started: float | None = None
         self.last_metrics: float | None = None
+        self.cpu_started = self.cpu_last = 0.0
         self.info: dict = {}
         self.losses: list[float] = []
 
     def on_start(self, info: dict) -> None:
-        self.started = time.perf_counter()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
         self.info = info
 
     def on_metrics(self, step: int, metrics: dict) -> None:
-        self.last_metrics = time.perf_counter()
+        self.last_metrics, self.cpu_last = time.perf_counter(), time.process_time()
         self.losses.append(float(metrics["train_loss"]))
 
     def on_message(self, level: str, message: str) -> None:
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "side": "engine",
         "load_s": timer.started - t0,
         "train_s": timer.last_metrics - timer.started,
+        "train_cpu_s": timer.cpu_last - timer.cpu_started,  # all threads; steadier on a shared machine
         "save_s": t_end - timer.last_metrics,
         "steps": result.steps,
         "n_examples": timer.info.get("n_examples"),
