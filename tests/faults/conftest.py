@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.api.conftest import alice, bob, client, settings  # noqa: F401  (fixtures, re-exported)
-from tests.faults.services import (ServerProcess, ServiceUnavailable, require, start_private_postgres,
+from tests.faults.services import (FIGURES, ServerProcess, ServiceUnavailable, require, start_private_postgres,
                                    start_private_redis)
 
 
@@ -44,3 +44,11 @@ def private_postgres() -> Iterator[ServerProcess]:
 
         get_engine.cache_clear()  # cached engines of this database must not outlive it
         handle.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print what the fault tests measured, one `key=value` per line (the README cites them)."""
+    if FIGURES:
+        terminalreporter.section("fault-test figures")
+        for k, v in sorted(FIGURES.items()):
+            terminalreporter.write_line(f"{k}={v}")

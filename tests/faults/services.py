@@ -40,6 +40,8 @@ from pathlib import Path
 import pytest
 
 START_TIMEOUT_S = 60.0
+# Figures the fault tests measured (e.g. requests tried); conftest prints them as key=value at the end.
+FIGURES: dict[str, int] = {}
 STOP_TIMEOUT_S = 30.0
 
 
@@ -273,13 +275,16 @@ class ApiServer(ServerProcess):
 def start_api_server(env: dict[str, str], workdir: Path | None = None) -> ApiServer:
     """Start `uvicorn --factory api.main:create_app` on a spare port with `env` over os.environ.
 
-    The database must be migrated already (`service.migrate.upgrade(url)`). The handle's `url`
-    is the base URL (`http://127.0.0.1:PORT`); stop/start/kill restart the same API.
+    The database must be migrated already (`service.migrate.upgrade(url)`). `QLORA_*` variables
+    of this process are not inherited: the server sees only those in `env`, so a developer's own
+    settings never leak into a private server. The handle's `url` is the base URL
+    (`http://127.0.0.1:PORT`); stop/start/kill restart the same API.
     """
     port = free_port()
     wd = workdir or Path(tempfile.mkdtemp(prefix="qlora-api-"))
     repo = str(Path(__file__).resolve().parents[2])
-    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    full_env = {**inherited, **env, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     argv = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning"]
     handle = ApiServer("api", argv, port, f"http://127.0.0.1:{port}", wd, env=full_env)
