@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except KeyError as e:  # str(KeyError) adds quotes; show the message itself
+        print(f"qlora: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
         print(f"qlora: error: {e}", file=sys.stderr)
         return 2
 
