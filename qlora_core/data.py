@@ -7,9 +7,13 @@
 - Loss on the target only (the QLoRA recipe, `artidoro/qlora`'s `train_on_source=False`): labels
   are -100 except on each assistant message's content plus its end-of-turn token, unless
   `train_on_inputs`. Assistant messages with `"weight": 0` are never supervised (OpenAI's format).
+- Labels come from character spans of the rendered text mapped to tokens through the fast
+  tokenizer's offsets, on one tokenization of the whole example: no prefix is tokenized on its
+  own, so a BPE merge across a turn boundary cannot shift the mask.
 - Batches are planned up front, deterministically from (seed, epoch): either packed rows, filled
-  first-fit-decreasing up to `max_seq_length` tokens (as in TRL's `pack_dataset(strategy="bfd")`),
-  or one example per row with similar lengths grouped together (HF `group_by_length`).
+  first-fit-decreasing up to `max_seq_length` tokens (TRL's `pack_dataset` uses the best-fit
+  sibling of the same bin-packing heuristic), or one example per row with similar lengths
+  grouped together (HF `group_by_length`).
 
 See Note: packed attention for how packed examples are kept apart.
 """
