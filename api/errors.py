@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,16 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return _json(400, message, "invalid_request_error", param, code)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 404:
         return _json(
@@ -108,7 +119,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
             "invalid_request_error",
             None,
             "method_not_allowed",
-            getattr(exc, "headers", None),
+            {**(getattr(exc, "headers", None) or {}), "Allow": _allowed_methods(request)},
         )
     type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
     code = "request_too_large" if exc.status_code == 413 else None  # api/bodylimit.py

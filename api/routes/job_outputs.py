@@ -37,7 +37,12 @@ STREAM_POLL_S = 0.5
 _TARGZ = {200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
                 "description": "a .tar.gz with adapter_config.json and adapter_model.safetensors at its root"}}
 _EVENTS = {200: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobEventList"}},
-                             "text/event-stream": {"schema": {"type": "string"}}}}}
+                             # OpenAPI 3.1: the schema of an event stream describes each event.
+                             "text/event-stream": {"schema": {
+                                 "type": "object", "required": ["data"],
+                                 "properties": {"id": {"type": "string"}, "event": {"type": "string"},
+                                                "data": {"type": "string", "contentMediaType": "application/json",
+                                                         "contentSchema": {"$ref": "#/components/schemas/JobEventObject"}}}}}}}}
 
 
 def _event_rows_after(database_url: str, job_id: str, after_seq: int) -> tuple[list[dict], int, bool]:
