@@ -20,6 +20,7 @@ import gc
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +70,13 @@ class TrainingCallback:
 
 @dataclass
 class TrainResult:
+    """How a run ended.
+
+    `trained_tokens` counts every non-padding token fed through the model in training, epochs
+    included: for a full run that is OpenAI's "tokens in the training file x epochs".
+    `metrics` is the last metrics event plus `supervised_tokens` (tokens the loss was taken on).
+    """
+
     status: str  # "completed" | "stopped"
     steps: int
     total_steps: int
@@ -164,6 +172,15 @@ def _run(
 
     lengths = [len(ex.input_ids) for ex in train_examples]
     plan = make_plan(lengths, config, bool(valid_examples))
+    latest = ckpt.latest_checkpoint(output_dir) if resume else None
+    saved = ckpt.read_state(latest) if latest is not None else None
+    if saved is not None:
+        _check_resumable(saved["config"], config, latest)  # before the slow model load
+    elif not resume and ckpt.list_checkpoints(output_dir):
+        # Starting over: a previous run's checkpoints would otherwise mix with this run's.
+        cb.on_message("info", f"resume=False: removing the previous run's checkpoints in {output_dir}")
+        shutil.rmtree(output_dir / ckpt.CHECKPOINTS)
+        shutil.rmtree(output_dir / ckpt.ADAPTER, ignore_errors=True)
     model = models.load_quantized_model(
         model_dir, quant_type=config.quant_type, double_quant=config.double_quant, compute_dtype=config.compute_dtype
     )
@@ -192,10 +209,7 @@ def _run(
 
     # See Note: exact resume
     state = {"step": 0, "epoch": 0, "group": 0, "trained_tokens": 0, "supervised_tokens": 0, "history": []}
-    latest = ckpt.latest_checkpoint(output_dir) if resume else None
-    if latest is not None:
-        saved = ckpt.read_state(latest)
-        _check_resumable(saved["config"], config, latest)
+    if saved is not None:
         ckpt.load_adapter_weights(model, latest)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -321,6 +335,9 @@ class RunPlan:
     def is_logged(self, step: int) -> bool:
         # Note: logged steps. A step emits one metrics event if it is a multiple of logging_steps,
         # evaluates, checkpoints, or is the last; so valid_* and checkpoint metrics always have an event.
+        # train_loss / train_mean_token_accuracy are token-weighted over the micro-batches since the
+        # previous logged step (with logging_steps=1: over this step's micro-batches). After a resume
+        # the steps between the checkpoint and the crash are replayed and logged again, identically.
         return (
             step % self.logging_steps == 0
             or step in self.eval_steps

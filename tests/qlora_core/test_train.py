@@ -22,9 +22,12 @@ SEED = 1234
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(request: pytest.FixtureRequest):
     """Tiny matrices gain nothing from threads; on a shared 2-core box OpenMP spinning made each
-    run ~20x slower."""
+    run ~20x slower. The real-model test keeps every thread."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -196,6 +199,12 @@ def test_resume_refuses_a_different_config(tiny_model_dir, data_files, tmp_path)
     train(tiny_model_dir, train_file, tmp_path / "run", _config(checkpoint_steps=1), callback=Recorder(stop_at=2))
     with pytest.raises(TrainingError, match="lora_r"):
         train(tiny_model_dir, train_file, tmp_path / "run", _config(checkpoint_steps=1, lora_r=4))
+    # resume=False starts over: the old run's checkpoints go, the new run's are all that is listed
+    cb = Recorder(stop_at=1)
+    result = train(tiny_model_dir, train_file, tmp_path / "run", _config(checkpoint_steps=1, lora_r=4),
+                   callback=cb, resume=False)
+    assert cb.start["resumed_from_step"] is None
+    assert [s for s, _ in result.checkpoints] == [1]
 
 
 def test_cancellation_stops_without_adapter(tiny_model_dir, data_files, tmp_path):
