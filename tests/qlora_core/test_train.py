@@ -259,3 +259,20 @@ def test_a_few_steps_on_bundled_smollm2(bundled_model_dir, data_files, tmp_path)
     assert all(torch.isfinite(torch.tensor(m["train_loss"])) for _, m in cb.metrics)
     assert cb.metrics[-1][1]["train_loss"] < cb.metrics[0][1]["train_loss"]
     assert (result.adapter_dir / "adapter_model.safetensors").stat().st_size > 100_000
+
+
+def test_out_of_memory_is_recognised_and_names_what_to_lower():
+    """A real allocator failure (not a fake): torch's CPU out-of-memory error becomes advice.
+
+    Driving `train` itself out of memory would need a machine-sized batch; the text matching on
+    torch's error is the fragile part, so that is what this checks.
+    """
+    from qlora_core.train import _is_cpu_oom, _oom_advice
+
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB
+    assert _is_cpu_oom(info.value)
+    message = _oom_advice(_config(gradient_checkpointing=False, batch_size=8), info.value)
+    for hint in ("batch_size (now 8", "max_seq_length", "lora_r", "gradient_checkpointing"):
+        assert hint in message
+    assert not _is_cpu_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
