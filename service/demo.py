@@ -114,8 +114,8 @@ def compare_answers(adapter_dir: Path, questions: list[dict[str, Any]]) -> None:
     model, tokenizer = load_for_inference(model_dir, adapter_dir)
     prompts = [ex["messages"][:2] for ex in questions]
     with model.disable_adapter():
-        base = generate(model, tokenizer, prompts, max_new_tokens=160)
-    tuned = generate(model, tokenizer, prompts, max_new_tokens=160)
+        base = generate(model, tokenizer, prompts, max_new_tokens=128)
+    tuned = generate(model, tokenizer, prompts, max_new_tokens=128)
     for i, ex in enumerate(questions):
         expected = ex["messages"][2]["content"].rsplit("The answer is", 1)[-1].strip(" .")
         print(f"\n=== held-out question {i + 1} (expected answer: {expected}) ===\n{ex['messages'][1]['content']}")
