@@ -130,11 +130,7 @@ def renew(engine: Engine, job_id: str, owner: str, lease_s: int, now: int | None
         .values(lease_expires_at=now + lease_s)
     )
     with engine.begin() as conn:
-        if conn.execute(stmt).rowcount != 1:
-            return False
-        if events:
-            conn.execute(insert(_events), events)
-    return True
+        return conn.execute(stmt).rowcount == 1
 
 
 def release(engine: Engine, job_id: str, owner: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from qlora_core.train import TrainingCallback
 from service.db import Checkpoint, Job, new_id, now
@@ -56,8 +56,12 @@ class LeaseKeeper(threading.Thread):
                     log.warning("lost the lease on %s", self.job_id)
                     self.lost.set()
                     return
-            except Exception as e:  # a database blip: keep trying until the lease actually expires
+            except SQLAlchemyError as e:  # a database blip: keep trying until the lease actually expires
                 log.warning("lease renewal of %s failed: %s", self.job_id, e)
+            except Exception:  # a bug: stop the run rather than train on without a lease
+                log.exception("lease keeper of %s crashed", self.job_id)
+                self.lost.set()
+                return
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -38,6 +38,17 @@ def test_holder_may_reacquire_its_own_lease(engine: Engine) -> None:
     assert _row(engine, job).attempts == 2
 
 
+def test_holder_renewal_keeps_the_lease_live(engine: Engine) -> None:
+    job = make_job(engine)
+    t0 = int(time.time())
+    a, b = make_owner("w1@host"), make_owner("w2@host")
+    assert acquire(engine, job, a, LEASE_S, now=t0)
+    assert renew(engine, job, a, LEASE_S, now=t0 + LEASE_S - 1)
+    assert _row(engine, job).lease_expires_at == t0 + 2 * LEASE_S - 1
+    # Past the first expiry, but renewed: still nobody else's.
+    assert not acquire(engine, job, b, LEASE_S, now=t0 + LEASE_S + 1)
+
+
 def test_expired_lease_is_taken_over(engine: Engine) -> None:
     job = make_job(engine)
     t0 = int(time.time())
