@@ -97,10 +97,15 @@ def render_prompt_completion(tokenizer: Any, messages: list[dict]) -> tuple[str,
 def tokenize_chat(tokenizer: Any, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
     """Tokenize one chat as (input_ids, labels), labels IGNORE_INDEX on the prompt (loss on completions only)."""
     prompt, completion = render_prompt_completion(tokenizer, messages)
+    # The template's text after the end-of-turn token (a newline) is never generated: generation
+    # stops at eos. It stays in the input but is not supervised (qlora_core.data does the same).
+    eos = tokenizer.eos_token or ""
+    cut = completion.rfind(eos) + len(eos) if eos and eos in completion else len(completion)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    ids = (p_ids + c_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:max_len]
+    c_ids = tokenizer(completion[:cut], add_special_tokens=False)["input_ids"]
+    t_ids = tokenizer(completion[cut:], add_special_tokens=False)["input_ids"] if completion[cut:] else []
+    ids = (p_ids + c_ids + t_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(p_ids) + c_ids + [IGNORE_INDEX] * len(t_ids))[:max_len]
     return ids, labels
 
 
