@@ -14,7 +14,7 @@ tokens). A small model with the real vocabulary would be all head, the same in b
 hide the difference; so token ids are folded into a 512-token vocabulary (`--model-vocab`),
 which changes no shape that matters to timing, and the body dominates as it does for real.
 
-Usage: python bench/bench_packing.py [--n-examples 256] [--batch-size 4] [--max-seq-length 512]
+Usage: python bench/bench_packing.py [--n-examples 96] [--batch-size 4] [--max-seq-length 512]
 The last line holds the figures as key=value.
 """
 
@@ -92,7 +92,7 @@ def fold(batch: dict[str, torch.Tensor], vocab: int, device: torch.device) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-examples", type=int, default=256)
+    parser.add_argument("--n-examples", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--hidden-size", type=int, default=256)
