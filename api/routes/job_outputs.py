@@ -47,9 +47,11 @@ _EVENTS = {200: {"content": {"application/json": {"schema": {"$ref": "#/componen
 
 def _event_rows_after(database_url: str, job_id: str, after_seq: int) -> tuple[list[dict], int, bool]:
     with session_scope(database_url) as s:
+        # Status first, events second: a job's final status commits together with its last event,
+        # so reading in this order never ends the stream before that event is delivered.
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
         rows = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
                               .order_by(JobEvent.seq).limit(500)))
-        status = s.scalar(select(Job.status).where(Job.id == job_id))
         last = rows[-1].seq if rows else after_seq
         return [JobEventObject.from_row(e).model_dump() for e in rows], last, status in FINISHED
 
