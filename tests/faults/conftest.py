@@ -46,6 +46,25 @@ def private_postgres() -> Iterator[ServerProcess]:
         handle.close()
 
 
+@pytest.fixture(scope="session")
+def fault_stack(tiny_model_dir):  # type: ignore[no-untyped-def]
+    """A live production-mode service for the destructive tests (tests/faults/stack.py): private
+    PostgreSQL, private Redis *without* persistence (a restart loses its queue), a uvicorn API;
+    tests start and kill their own `qlora worker` processes and stop them before they end."""
+    from tests.faults.faultkit import production_stack
+
+    with production_stack(tiny_model_dir, persistent_redis=False) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def fault_reference(fault_stack):  # type: ignore[no-untyped-def]
+    """(job, adapter tensors) of the standard fault-test job run once without interruption."""
+    from tests.faults.faultkit import CHECKPOINT_STEPS, MAX_STEPS, reference_run
+
+    return reference_run(fault_stack, MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Print what the fault tests measured, one `key=value` per line (the README cites them)."""
     if FIGURES:

@@ -24,6 +24,10 @@ from tests.faults.stack import Stack, build_stack, load_adapter_tensors
 for _k in ("kills_survived", "restarts_survived", "jobs_lost", "duplicate_runs"):
     FIGURES.setdefault(_k, 0)
 
+# The job most fault tests run: checkpoints at 6, 12, 18, 24, so kills land between them.
+MAX_STEPS = 24
+CHECKPOINT_STEPS = 6
+
 _RESUMED_FROM = re.compile(r"resumed from checkpoint at step (\d+)")
 
 

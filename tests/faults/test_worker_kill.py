@@ -34,96 +34,103 @@ import pytest
 from qlora_core.checkpoint import list_checkpoints
 from service.queue import make_celery
 from service.settings import Settings
-from tests.faults.faultkit import (SseReader, assert_nothing_lost_nothing_twice, count, embedded_stack,
-                                   production_stack, reference_run, resumed_from_steps)
+from tests.faults.faultkit import (CHECKPOINT_STEPS, MAX_STEPS, SseReader, assert_nothing_lost_nothing_twice, count,
+                                   embedded_stack, reference_run, resumed_from_steps)
 from tests.faults.stack import Stack, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 24
-CHECKPOINT_STEPS = 6  # checkpoints at 6, 12, 18, 24: kills land between them
 CHECKPOINT_WRITE_TRIES = 4
 
 
-@pytest.fixture(scope="module")
-def prod(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    with production_stack(tiny_model_dir) as stack:
-        yield stack
+def _holder(stack: Stack, job_id: str) -> WorkerProcess:
+    """The running worker whose process holds the job's lease."""
+    owner = stack.job_row(job_id).lease_owner or ""
+    for w in stack.workers:
+        if w.running and owner.startswith(w.hostname + "|"):
+            return w
+    raise AssertionError(f"no running worker holds {job_id} (owner {owner!r})\n{stack.logs()}")
 
 
-@pytest.fixture(scope="module")
-def prod_reference(prod: Stack):  # type: ignore[no-untyped-def]
-    return reference_run(prod, MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
-
-
-def _kill_at_step(stack: Stack, worker: WorkerProcess, job_id: str, step: int) -> int:
-    """SIGKILL the worker once the job has recorded `step`; returns the checkpoint step to resume from."""
-    stack.wait_step(job_id, step)
-    worker.kill()
-    count("kills_survived")
+def _resume_point(stack: Stack, job_id: str) -> int:
     done = list_checkpoints(stack.job_dir(job_id))
     return done[-1][0] if done else 0
 
 
-def _kill_during_checkpoint_write(stack: Stack, worker: WorkerProcess, job_id: str) -> tuple[int, bool]:
-    """SIGKILL the worker as soon as a checkpoint temp dir appears.
+def _kill_holder_at_step(stack: Stack, job_id: str, step: int) -> tuple[WorkerProcess, int]:
+    """SIGKILL the holder once the job has recorded `step`; returns it and the checkpoint step to resume from."""
+    stack.wait_step(job_id, step)
+    victim = _holder(stack, job_id)
+    victim.kill()
+    count("kills_survived")
+    return victim, _resume_point(stack, job_id)
+
+
+def _kill_holder_during_checkpoint_write(stack: Stack, job_id: str) -> tuple[WorkerProcess, int, bool]:
+    """SIGKILL the holder as soon as a new checkpoint temp dir appears.
 
     Returns:
-        (checkpoint step to resume from, whether the kill left a half-written checkpoint).
+        (the killed worker, checkpoint step to resume from, whether a half-written checkpoint was left).
     """
     ckpt_dir = stack.job_dir(job_id) / "checkpoints"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
+
+    def temp_dirs() -> set[str]:
         try:
-            if any(name.startswith(".tmp-step-") for name in os.listdir(ckpt_dir)):
-                break
+            return {name for name in os.listdir(ckpt_dir) if name.startswith(".tmp-step-")}
         except FileNotFoundError:
-            pass
+            return set()
+
+    stale = temp_dirs()  # left by an earlier kill; the next run removes them at start-up
+    deadline = time.monotonic() + 240
+    while not temp_dirs() - stale:
+        if time.monotonic() > deadline or stack.job_row(job_id).status == "succeeded":
+            raise AssertionError(f"no checkpoint write seen\n{stack.logs()}")
         time.sleep(0.001)
-    else:
-        raise AssertionError(f"no checkpoint write seen\n{stack.logs()}")
-    worker.kill()
+    victim = _holder(stack, job_id)
+    victim.kill()
     count("kills_survived")
-    half_written = [p for p in ckpt_dir.iterdir() if p.name.startswith(".tmp-step-")]
-    assert all(not (p / "COMPLETE").exists() or not p.name.startswith("step-") for p in half_written)
-    done = list_checkpoints(stack.job_dir(job_id))
-    return (done[-1][0] if done else 0), bool(half_written)
+    torn = temp_dirs() - stale
+    return victim, _resume_point(stack, job_id), bool(torn)
 
 
-def test_killed_worker_resumes_from_last_complete_checkpoint(prod: Stack, prod_reference) -> None:  # type: ignore[no-untyped-def]
-    """Kills before the first checkpoint, between checkpoints and inside checkpoint writes; workers
-    come back under the same name and under another one; the job ends as if never interrupted."""
-    stack = prod
+def test_killed_worker_resumes_from_last_complete_checkpoint(fault_stack: Stack, fault_reference) -> None:  # type: ignore[no-untyped-def]
+    """Kills before the first checkpoint, between checkpoints and inside a checkpoint write. Two
+    workers run at all times: the survivor takes the job over, and the killed one is restarted
+    under its own name (the same worker coming back). The job ends as if never interrupted."""
+    stack = fault_stack
+    stack.start_worker("w1")
+    stack.start_worker("w2")
     job_id = stack.create_job(max_steps=MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
     sse = SseReader(stack, job_id)
     sse.start()
-    expected_resumes: list[int] = []
+    resume_points: list[int] = []
 
-    w = stack.start_worker("w1")
-    expected_resumes.append(_kill_at_step(stack, w, job_id, 2))  # before any checkpoint: starts over
-    w = stack.start_worker("w2")  # another machine's worker picks it up
-    expected_resumes.append(_kill_at_step(stack, w, job_id, CHECKPOINT_STEPS + 2))
+    victim, at = _kill_holder_at_step(stack, job_id, 2)  # before any checkpoint: starts over
+    resume_points.append(at)
+    stack.start_worker(victim.name)
+    victim, at = _kill_holder_at_step(stack, job_id, CHECKPOINT_STEPS + 2)
+    resume_points.append(at)
+    stack.start_worker(victim.name)
     half_written = 0
-    for i in range(CHECKPOINT_WRITE_TRIES):
-        if stack.job_row(job_id).status == "succeeded" or half_written:
+    for _ in range(CHECKPOINT_WRITE_TRIES):
+        if half_written or _resume_point(stack, job_id) >= MAX_STEPS - CHECKPOINT_STEPS:
             break
-        w = stack.start_worker("w1")  # the same worker restarted
-        step, torn = _kill_during_checkpoint_write(stack, w, job_id)
-        expected_resumes.append(step)
+        victim, at, torn = _kill_holder_during_checkpoint_write(stack, job_id)
+        resume_points.append(at)
         half_written += torn
+        stack.start_worker(victim.name)
     count("checkpoint_write_kills", half_written)
-    stack.start_worker("w3")
-    job = assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=len(expected_resumes),
-                                            reference=prod_reference)
+    job = assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=len(resume_points),
+                                            reference=fault_reference)
     assert half_written >= 1, "no kill landed inside a checkpoint write"
     # Each run resumed from the newest *complete* checkpoint at the moment of its kill (0: none).
     resumed = resumed_from_steps(stack, job_id)
-    assert resumed == [s for s in expected_resumes if s > 0], (resumed, expected_resumes)
+    assert resumed == [s for s in resume_points if s > 0], (resumed, resume_points)
     sse.join(60)
     # A client following the stream saw every step once, in order, across the kills.
     assert sse.metrics_steps() == list(range(1, MAX_STEPS + 1))
     assert sse.events[-1]["message"] == "The job has successfully completed"
-    assert job.trained_tokens == prod_reference[0].trained_tokens
+    assert job.trained_tokens == fault_reference[0].trained_tokens
     stack.stop_workers()
 
 
@@ -132,17 +139,17 @@ def test_killed_worker_resumes_in_embedded_mode(tiny_model_dir: Path) -> None:
     with embedded_stack(tiny_model_dir) as stack:
         reference = reference_run(stack, MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
         job_id = stack.create_job(max_steps=MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
-        w = stack.start_worker("w1")
-        resume_step = _kill_at_step(stack, w, job_id, CHECKPOINT_STEPS + 1)
+        stack.start_worker("w1")
+        _, resume_step = _kill_holder_at_step(stack, job_id, CHECKPOINT_STEPS + 1)
         stack.start_worker("w1")
         assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=reference)
         assert resumed_from_steps(stack, job_id) == ([resume_step] if resume_step else [])
 
 
-def test_redelivered_message_does_nothing_while_the_job_is_held(prod: Stack) -> None:
+def test_redelivered_message_does_nothing_while_the_job_is_held(fault_stack: Stack) -> None:
     """Duplicate "run job X" messages, consumed by a second live worker while the first trains
     the job, are skipped: one run, one attempt, no second "started" event."""
-    stack = prod
+    stack = fault_stack
     a, b = stack.start_worker("dup-a"), stack.start_worker("dup-b")
     job_id = stack.create_job(max_steps=400, checkpoint_steps=200)
     stack.wait_step(job_id, 2)
@@ -159,11 +166,11 @@ def test_redelivered_message_does_nothing_while_the_job_is_held(prod: Stack) -> 
     stack.stop_workers()
 
 
-def test_hung_holder_is_taken_over_after_its_lease_expires(prod: Stack, prod_reference) -> None:  # type: ignore[no-untyped-def]
+def test_hung_holder_is_taken_over_after_its_lease_expires(fault_stack: Stack, fault_reference) -> None:  # type: ignore[no-untyped-def]
     """SIGSTOP the worker holding a job (it stops heart-beating but its process lives): another
     worker takes the job over once the lease expires (QLORA_LEASE_S=6) and finishes it; the
     holder, woken up, finds its lease gone and stops without publishing anything."""
-    stack = prod
+    stack = fault_stack
     held = stack.start_worker("hung")
     job_id = stack.create_job(max_steps=MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
     stack.wait_step(job_id, CHECKPOINT_STEPS + 2)
@@ -175,7 +182,7 @@ def test_hung_holder_is_taken_over_after_its_lease_expires(prod: Stack, prod_ref
                      or stack.job_row(job_id).status == "succeeded", timeout_s=120, poll_s=0.2)
     held.resume()
     count("kills_survived")
-    assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=prod_reference)
+    assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=fault_reference)
     stack.wait_until("the old holder to notice", lambda: f"lost the lease on {job_id}" in held.log(),
                      timeout_s=60, poll_s=0.2)
     stack.stop_workers()
