@@ -33,11 +33,23 @@ CANCEL_POLL_S = 1.0
 METRIC_KEYS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
 
 
+class LeaseLost(RuntimeError):
+    """This process no longer holds the job's lease: another worker took the job over."""
+
+
 class LeaseKeeper(threading.Thread):
     """Renews the job's lease every `heartbeat_s` while the job runs (a daemon thread in the child).
 
     If a renewal finds the lease gone (it expired while this process stalled and another worker
     took the job), `lost` is set and the training loop stops at its next step.
+
+    # Note: stalled holders. A process frozen past its lease (SIGSTOP, a swapping machine, a VM
+    # paused by its host) wakes up in the middle of a step with its lease already taken over. The
+    # keeper thread and the training thread resume together, so waiting for the keeper's next
+    # renewal would let the training thread publish the step it was in: a metrics event and a
+    # checkpoint written beside the new holder's. `confirm()` closes that window: when the last
+    # good renewal is older than two heartbeats, it renews synchronously before the caller
+    # writes anything, and reports the lease lost if that fails.
     """
 
     def __init__(self, engine: Engine, job_id: str, owner: str, lease_s: int, heartbeat_s: float) -> None:
@@ -46,6 +58,7 @@ class LeaseKeeper(threading.Thread):
         self.lease_s, self.heartbeat_s = lease_s, heartbeat_s
         self.lost = threading.Event()
         self._stop_event = threading.Event()
+        self.last_renewed = time.monotonic()  # the lease was just acquired
 
     def run(self) -> None:
         from worker.lease import renew
@@ -56,12 +69,34 @@ class LeaseKeeper(threading.Thread):
                     log.warning("lost the lease on %s", self.job_id)
                     self.lost.set()
                     return
+                self.last_renewed = time.monotonic()
             except SQLAlchemyError as e:  # a database blip: keep trying until the lease actually expires
                 log.warning("lease renewal of %s failed: %s", self.job_id, e)
             except Exception:  # a bug: stop the run rather than train on without a lease
                 log.exception("lease keeper of %s crashed", self.job_id)
                 self.lost.set()
                 return
+
+    def confirm(self) -> bool:
+        """True while this process still holds the lease; see Note: stalled holders."""
+        from worker.lease import renew
+
+        if self.lost.is_set():
+            return False
+        stale_for = time.monotonic() - self.last_renewed
+        if stale_for <= 2 * self.heartbeat_s:
+            return True
+        try:
+            held = renew(self.engine, self.job_id, self.owner, self.lease_s)
+        except SQLAlchemyError as e:  # cannot tell: hold on until the lease would have expired
+            log.warning("lease check of %s failed: %s", self.job_id, e)
+            held = stale_for <= self.lease_s
+        if held:
+            self.last_renewed = time.monotonic()
+            return True
+        log.warning("lost the lease on %s (this process stalled for %.0f s)", self.job_id, stale_for)
+        self.lost.set()
+        return False
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -114,6 +149,7 @@ class DbCallback(TrainingCallback):
             conn.execute(update(_jobs).where(_jobs.c.id == self.job_id).values(progress=progress))
 
     def on_metrics(self, step: int, metrics: dict) -> None:
+        self._check_lease()  # before anything of this step is published (See Note: stalled holders)
         if self.first_step_at is None:
             self.first_step_at = time.time()
         data: dict[str, Any] = {"step": step}
@@ -136,6 +172,7 @@ class DbCallback(TrainingCallback):
             conn.execute(update(_jobs).where(_jobs.c.id == self.job_id).values(**values))
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+        self._check_lease()
         path = Path(path)
         root = self.artifacts_dir.resolve()
         rel = path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else str(path)
@@ -160,7 +197,7 @@ class DbCallback(TrainingCallback):
     def should_stop(self, step: int) -> bool:
         if self.stop_reason:
             return True
-        if self.lease is not None and self.lease.lost.is_set():
+        if self.lease is not None and not self.lease.confirm():
             self.stop_reason = "lease_lost"
             return True
         if time.time() > self.deadline:
@@ -180,6 +217,12 @@ class DbCallback(TrainingCallback):
         return False
 
     # --- helpers ----------------------------------------------------------------------------
+    def _check_lease(self) -> None:
+        """Raise LeaseLost (ending `train` at once) when another worker has taken the job over."""
+        if self.lease is not None and not self.lease.confirm():
+            self.stop_reason = "lease_lost"
+            raise LeaseLost(f"job {self.job_id} was taken over by another worker")
+
     def _seconds_remaining(self, step: int) -> int | None:
         done = step - self.first_step
         if done <= 0 or not self.total_steps:

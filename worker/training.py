@@ -54,7 +54,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     from qlora_core.store import ModelStore
     from qlora_core.train import OutOfMemory, train
     from qlora_core.validate import DatasetError
-    from worker.runner import DbCallback
+    from worker.runner import DbCallback, LeaseLost
     from worker.tasks import JobFailed
     from worker.validation import file_path
 
@@ -84,6 +84,9 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
             callback=callback,
             resume=True,
         )
+    except LeaseLost:  # another worker holds the job now; it publishes, this process only stops
+        log.warning("job %s: stopped, its lease was taken over", job.id)
+        return "lease_lost"
     except OutOfMemory as e:  # its message already says what to lower
         raise JobFailed("out_of_memory", str(e).strip().splitlines()[0]) from e
     except (MemoryError, cuda_oom) as e:
