@@ -26,6 +26,7 @@ from and is gone once the job succeeds.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -180,9 +181,13 @@ def test_hung_holder_is_taken_over_after_its_lease_expires(fault_stack: Stack, f
     rescuer = stack.start_worker("rescuer")
     stack.wait_until("the takeover", lambda: (stack.job_row(job_id).lease_owner or "").startswith(rescuer.hostname)
                      or stack.job_row(job_id).status == "succeeded", timeout_s=120, poll_s=0.2)
+    mark = len(held.log())
     held.resume()
     count("kills_survived")
     assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=fault_reference)
-    stack.wait_until("the old holder to notice", lambda: f"lost the lease on {job_id}" in held.log(),
-                     timeout_s=60, poll_s=0.2)
+    stack.wait_until("the old holder to stop", lambda: "'lease_lost'" in held.log()[mark:], timeout_s=60, poll_s=0.2)
+    woken = held.log()[mark:]
+    assert f"lost the lease on {job_id}" in woken
+    # Woken up, it published at most the checkpoint it was writing when it froze, and nothing after.
+    assert len(re.findall(r"checkpoint \S+ written", woken)) <= 1, woken
     stack.stop_workers()
