@@ -216,7 +216,7 @@ class Stack:
     def wait_step(self, job_id: str, step: int, timeout_s: float = JOB_TIMEOUT_S) -> None:
         """Wait until the job has recorded the metrics event of `step` (or a later one)."""
         self.wait_until(f"step {step} of {job_id}",
-                        lambda: max(self.metrics_steps(job_id), default=0) >= step, timeout_s)
+                        lambda: max(self.metrics_steps(job_id), default=0) >= step, timeout_s, poll_s=0.01)
 
     def wait_finished(self, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> Any:
         """The job as the SDK returns it once it is succeeded, failed or cancelled."""

@@ -44,13 +44,25 @@ pytestmark = pytest.mark.slow
 CHECKPOINT_WRITE_TRIES = 4
 
 
-def _holder(stack: Stack, job_id: str) -> WorkerProcess:
-    """The running worker whose process holds the job's lease."""
-    owner = stack.job_row(job_id).lease_owner or ""
+def _holder_or_none(stack: Stack, job_id: str) -> WorkerProcess | None:
+    """The running worker one of whose processes holds the job's lease (matched by pid: a
+    restarted worker has the same name as the dead holder whose lease it may still show)."""
+    from worker.lease import parse_owner
+
+    parsed = parse_owner(stack.job_row(job_id).lease_owner or "")
+    if parsed is None:
+        return None
     for w in stack.workers:
-        if w.running and owner.startswith(w.hostname + "|"):
+        if w.running and parsed[2] in w.group_pids():
             return w
-    raise AssertionError(f"no running worker holds {job_id} (owner {owner!r})\n{stack.logs()}")
+    return None
+
+
+def _holder(stack: Stack, job_id: str) -> WorkerProcess:
+    w = _holder_or_none(stack, job_id)
+    if w is None:
+        raise AssertionError(f"no running worker holds {job_id}\n{stack.logs()}")
+    return w
 
 
 def _resume_point(stack: Stack, job_id: str) -> int:
@@ -83,11 +95,12 @@ def _kill_holder_during_checkpoint_write(stack: Stack, job_id: str) -> tuple[Wor
 
     stale = temp_dirs()  # left by an earlier kill; the next run removes them at start-up
     deadline = time.monotonic() + 240
+    stack.wait_until("a worker to hold the job", lambda: _holder_or_none(stack, job_id) is not None)
+    victim = _holder(stack, job_id)  # found first, so that the kill follows the temp dir within a millisecond
     while not temp_dirs() - stale:
-        if time.monotonic() > deadline or stack.job_row(job_id).status == "succeeded":
+        if time.monotonic() > deadline or not victim.running:
             raise AssertionError(f"no checkpoint write seen\n{stack.logs()}")
         time.sleep(0.001)
-    victim = _holder(stack, job_id)
     victim.kill()
     count("kills_survived")
     torn = temp_dirs() - stale
@@ -114,7 +127,7 @@ def test_killed_worker_resumes_from_last_complete_checkpoint(fault_stack: Stack,
     stack.start_worker(victim.name)
     half_written = 0
     for _ in range(CHECKPOINT_WRITE_TRIES):
-        if half_written or _resume_point(stack, job_id) >= MAX_STEPS - CHECKPOINT_STEPS:
+        if half_written or _resume_point(stack, job_id) >= MAX_STEPS:
             break
         victim, at, torn = _kill_holder_during_checkpoint_write(stack, job_id)
         resume_points.append(at)
