@@ -14,7 +14,7 @@ from typing import Any
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch")
-SCHEDULERS = ("constant", "cosine", "linear")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OVERLONG = ("truncate", "drop")
 
 

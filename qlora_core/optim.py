@@ -94,14 +94,21 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     Raises:
         ValueError: if `schedule` is unknown.
     """
-    if schedule not in ("constant", "cosine", "linear"):
-        raise ValueError(f"unknown lr_scheduler {schedule!r}; expected constant, cosine or linear")
+    if schedule not in ("constant", "constant_with_warmup", "cosine", "linear"):
+        raise ValueError(
+            f"unknown lr_scheduler {schedule!r}; expected constant, constant_with_warmup, cosine or linear"
+        )
+    # Note: constant means constant. transformers' `get_scheduler("constant")` ignores the warmup,
+    # so the QLoRA repository (constant, warmup_ratio 0.03) trains at the full rate from step 1;
+    # we do the same, and `constant_with_warmup` is there for those who want the ramp.
+    if schedule == "constant":
+        warmup_steps = 0
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             # Note: warmup from lr/(w+1), not from 0 as transformers does, so that no step is wasted.
             return float(step + 1) / float(warmup_steps + 1)
-        if schedule == "constant":
+        if schedule in ("constant", "constant_with_warmup"):
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         progress = min(1.0, progress)

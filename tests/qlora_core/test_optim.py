@@ -33,8 +33,10 @@ def test_unknown_optimizer_is_named():
 
 def test_schedules():
     # 10 steps, 2 of warmup
-    const = [lr_lambda("constant", 2, 10)(s) for s in range(10)]
+    const = [lr_lambda("constant_with_warmup", 2, 10)(s) for s in range(10)]
     assert const[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and const[-1] == 1.0
+    # "constant" ignores the warmup, as transformers (and so the QLoRA repository) does
+    assert [lr_lambda("constant", 2, 10)(s) for s in range(10)] == [1.0] * 10
     lin = [lr_lambda("linear", 2, 10)(s) for s in range(11)]
     assert lin[2] == 1.0 and lin[6] == pytest.approx(0.5) and lin[10] == 0.0
     cos = [lr_lambda("cosine", 2, 10)(s) for s in range(11)]
