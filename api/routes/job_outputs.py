@@ -45,26 +45,38 @@ _EVENTS = {200: {"content": {"application/json": {"schema": {"$ref": "#/componen
                                                          "contentSchema": {"$ref": "#/components/schemas/JobEventObject"}}}}}}}}
 
 
-def _event_rows_after(database_url: str, job_id: str, after_seq: int) -> tuple[list[dict], int, bool]:
+# Note: late commits. Event `seq`s are assigned at INSERT but become visible at COMMIT, so when two
+# writers add events to one job at once (an API cancel beside the worker's metrics, a takeover), a
+# row with a lower seq can appear after a higher one was streamed. The stream therefore re-reads a
+# window of REREAD_WINDOW seqs behind its cursor and skips the ids it already sent.
+REREAD_WINDOW = 64
+
+
+def _event_rows_after(database_url: str, job_id: str, after_seq: int) -> tuple[list[tuple[int, dict]], bool]:
     with session_scope(database_url) as s:
         # Status first, events second: a job's final status commits together with its last event,
         # so reading in this order never ends the stream before that event is delivered.
         status = s.scalar(select(Job.status).where(Job.id == job_id))
         rows = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
                               .order_by(JobEvent.seq).limit(500)))
-        last = rows[-1].seq if rows else after_seq
-        return [JobEventObject.from_row(e).model_dump() for e in rows], last, status in FINISHED
+        return [(e.seq, JobEventObject.from_row(e).model_dump()) for e in rows], status in FINISHED
 
 
 async def _stream(request: Request, database_url: str, job_id: str, after_seq: int) -> AsyncIterator[str]:
-    last = after_seq
+    last = after_seq  # highest seq sent
+    sent: set[int] = set()  # seqs sent within the re-read window
     while True:
-        events, last, finished = await run_in_threadpool(_event_rows_after, database_url, job_id, last)
-        for ev in events:
+        rows, finished = await run_in_threadpool(
+            _event_rows_after, database_url, job_id, max(after_seq, last - REREAD_WINDOW))
+        fresh = [(seq, ev) for seq, ev in rows if seq not in sent]
+        for seq, ev in fresh:
+            sent.add(seq)
+            last = max(last, seq)
             yield f"id: {ev['id']}\ndata: {json.dumps(ev)}\n\n"
-        if finished and not events:
+        sent = {seq for seq in sent if seq > last - REREAD_WINDOW}
+        if finished and not fresh:
             return
-        if not events:
+        if not fresh:
             if await request.is_disconnected():
                 return
             await asyncio.sleep(STREAM_POLL_S)
