@@ -5,7 +5,8 @@ with V = 49,152 for SmolLM2, followed by a (B*T, V) fp32 softmax. With the loss 
 (the QLoRA recipe), most positions are prompt or padding and their logits are thrown away. So we
 run the decoder body, keep the hidden states at positions whose *next* token is supervised, and
 project just those: (N, H) -> (N, V) with N the number of supervised tokens. The same idea is
-torchtune's "chunked/masked output" and Liger's fused linear cross-entropy; this is its plain form.
+torchtune's "chunked/masked output" and Liger's fused linear cross-entropy. See Note: chunked
+cross-entropy for how the (N, V) block is kept from materialising whole.
 
 Works for any `*ForCausalLM` that exposes `get_decoder()` and `get_output_embeddings()` and applies
 no transformation to the logits (no soft-capping, no logit scale); otherwise it falls back to the
@@ -18,8 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Supervised positions per chunk of the output projection (see Note: chunked cross-entropy).
+CE_CHUNK = 256
 
 # Config attributes that mean "the model post-processes its logits": the shortcut would skip them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
@@ -84,16 +88,47 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], super
         decoder, head = split
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         picked = hidden[:, :-1][keep]  # (N, H)
-        logits = head(picked)  # (N, V)
         gold = target[keep]  # (N,)
-    else:
-        full = model(**inputs, use_cache=False).logits  # (B, T, V)
-        logits = full[:, :-1][keep]  # (N, V)
-        gold = target[keep]
+        return _chunked_head_loss(head, picked, gold)
+    full = model(**inputs, use_cache=False).logits  # (B, T, V)
+    logits = full[:, :-1][keep]  # (N, V)
+    gold = target[keep]
     # Note: fp32 cross-entropy. bf16 logits have ~3 significant digits; the log-sum-exp over 49k
     # entries in bf16 visibly biases the loss, so we upcast the (N, V) block (small, see above).
     logits = logits.float()
     loss_sum = F.cross_entropy(logits, gold, reduction="sum")
     with torch.no_grad():
         n_correct = int((logits.argmax(dim=-1) == gold).sum())
+    return LossParts(loss_sum=loss_sum, n_correct=n_correct, n_tokens=int(gold.numel()))
+
+
+def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed fp32 cross-entropy and the number right for one chunk. See Note: fp32 cross-entropy."""
+    logits = head(hidden).float()  # (n, V)
+    loss_sum = F.cross_entropy(logits, gold, reduction="sum")
+    n_correct = (logits.detach().argmax(dim=-1) == gold).sum()
+    return loss_sum, n_correct
+
+
+def _chunked_head_loss(head: torch.nn.Module, picked: torch.Tensor, gold: torch.Tensor) -> LossParts:
+    """The loss at supervised positions, projected through `head` CE_CHUNK positions at a time.
+
+    # Note: chunked cross-entropy. Even restricted to supervised positions, the (N, V) logits of a
+    # 49k vocabulary are the largest tensors of a step: with N ~ 500 the bf16 projection, its fp32
+    # copy, the log-softmax and its gradient hold ~350 MB at once. Each chunk of CE_CHUNK positions
+    # is checkpointed instead: only its (n, H) input is kept, and backward recomputes its logits
+    # (one extra (n, H) @ (H, V) matmul), so at most one chunk's logits are alive. The sum over
+    # chunks equals the unchunked loss up to fp32 summation order.
+    """
+    train = torch.is_grad_enabled() and picked.requires_grad
+    loss_sum = picked.float().sum() * 0.0  # a zero in the graph, so a chunkless batch still backprops
+    n_correct = 0
+    for start in range(0, picked.shape[0], CE_CHUNK):
+        h, g = picked[start : start + CE_CHUNK], gold[start : start + CE_CHUNK]  # (n, H), (n,)
+        if train:
+            part, right = checkpoint(_head_loss, head, h, g, use_reentrant=False)
+        else:
+            part, right = _head_loss(head, h, g)
+        loss_sum = loss_sum + part
+        n_correct += int(right)
     return LossParts(loss_sum=loss_sum, n_correct=n_correct, n_tokens=int(gold.numel()))

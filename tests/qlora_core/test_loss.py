@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qlora_core import loss as loss_mod
 from qlora_core.loss import IGNORE_INDEX, causal_lm_loss, count_supervised, supports_supervised_logits
 
 
@@ -31,8 +32,10 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+@pytest.mark.parametrize("chunk", [256, 7])  # one chunk; several chunks with a ragged last one
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_supervised_only_matches_full_logits(model, dtype):
+def test_supervised_only_matches_full_logits(model, dtype, chunk, monkeypatch):
+    monkeypatch.setattr(loss_mod, "CE_CHUNK", chunk)
     batch = _batch()
     results = {}
     for supervised_only in (True, False):
@@ -48,7 +51,8 @@ def test_supervised_only_matches_full_logits(model, dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(fast.loss_sum, full.loss_sum, rtol=tol, atol=tol)
     for key in full_grads:
-        torch.testing.assert_close(fast_grads[key], full_grads[key], rtol=tol, atol=tol * 1e-2)
+        # Chunks sum their gradients in another order than one (N, V) block: fp32 rounding, ~1e-6.
+        torch.testing.assert_close(fast_grads[key], full_grads[key], rtol=max(tol, 1e-4), atol=tol)
 
 
 def test_loss_is_a_token_sum(model):
@@ -67,3 +71,11 @@ def test_logit_softcapping_falls_back_to_full_logits(tiny_model_dir):
     assert supports_supervised_logits(model)
     model.config.final_logit_softcapping = 30.0
     assert not supports_supervised_logits(model)
+
+
+def test_a_batch_without_supervised_tokens_backprops_zero(model):
+    batch = _batch()
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    parts = causal_lm_loss(model, batch)
+    parts.loss_sum.backward()  # must not raise: accumulation feeds such micro-batches too
+    assert parts.n_tokens == 0 and float(parts.loss_sum) == 0.0
