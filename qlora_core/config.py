@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 4  # examples (or packed rows) per micro-batch
     gradient_accumulation_steps: int = 4
     gradient_checkpointing: bool = True
+    checkpoint_fraction: float = 1.0  # of decoder layers checkpointed (See Note: selective checkpointing)
     seed: int = 42
     # data
     max_seq_length: int = 1024

@@ -16,11 +16,14 @@ What makes it an engine rather than a script:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import math
 import random
 import shutil
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +41,50 @@ logger = logging.getLogger(__name__)
 
 # Changing these between a checkpoint and its resume changes only what is reported, not the math.
 _RESUME_SAFE_FIELDS = {"logging_steps", "eval_steps", "n_checkpoints", "checkpoint_steps", "max_eval_examples"}
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+class _HeapTrimmer:
+    """While training on a CPU with glibc, hand freed heap pages back to the OS every `interval_s`.
+
+    # Note: CPU heap trimming. On a CPU the activations of a micro-batch are hundreds of MB of
+    # short-lived malloc'd blocks; glibc keeps freed blocks in its heap and reuses them unevenly,
+    # so resident memory ratchets up within and across steps (SmolLM2, batch 4 x 512: 770 MB after
+    # setup, 2.1-2.2 GB peak by step 2). A daemon thread calling `malloc_trim(0)` every second
+    # (ctypes releases the GIL; glibc locks its arenas) returns the free pages while backward is
+    # still running: the peak falls to ~1.75 GB at no measurable cost in time. Every 0.2 s gives
+    # 1.6 GB but costs ~20% in page faults; trimming only between micro-batches is not enough,
+    # because the peak is reached inside backward.
+    """
+
+    def __init__(self, on_cpu: bool, interval_s: float = 1.0) -> None:
+        self.active = on_cpu and _MALLOC_TRIM is not None
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heap-trimmer", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            _MALLOC_TRIM(0)
+
+    def __enter__(self) -> "_HeapTrimmer":
+        if self.active:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self._stop.set()
+            self._thread.join()
 
 
 class OutOfMemory(RuntimeError):
@@ -126,7 +173,8 @@ def train(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(Path(model_dir), Path(train_file), output_dir, config, valid_file, cb, resume)
+        with _HeapTrimmer(on_cpu=not torch.cuda.is_available()):
+            return _run(Path(model_dir), Path(train_file), output_dir, config, valid_file, cb, resume)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(_oom_advice(config, exc)) from exc
     except RuntimeError as exc:
@@ -191,6 +239,7 @@ def _run(
         dropout=config.lora_dropout,
         target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing,
+        checkpoint_fraction=config.checkpoint_fraction,
     )
     _keep_4bit_layout(model)
     device = next(p for p in model.parameters() if p.requires_grad).device
@@ -261,6 +310,7 @@ def _run(
                 window["loss"] += float(parts.loss_sum.detach())
                 window["correct"] += parts.n_correct
                 window["tokens"] += parts.n_tokens
+                del parts
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             optimizer.step()

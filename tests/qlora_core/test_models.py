@@ -80,3 +80,28 @@ def test_lora_trains_only_adapters_and_lowers_the_loss(tiny_model_dir: Path, gra
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("fraction, expected", [(1.0, 2), (0.5, 1), (0.0, 0)])
+def test_selective_checkpointing_keeps_the_gradients(tiny_model_dir: Path, fraction: float, expected: int) -> None:
+    """Checkpointing fewer layers changes memory and time, never the gradients."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from qlora_core.models import select_checkpointed_layers
+
+    batch = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for frac in (1.0, fraction):
+        torch.manual_seed(0)
+        model = add_lora(load_quantized_model(tiny_model_dir, compute_dtype="float32"), 4, 8, 0.0,
+                         checkpoint_fraction=frac)
+        model.train()
+        n_checkpointed = sum(1 for m in model.modules()
+                             if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        grads[frac] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    assert n_checkpointed == expected  # the tiny model has 2 decoder layers
+    for a, b in zip(grads[1.0], grads[fraction]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="checkpoint_fraction"):
+        select_checkpointed_layers(model, 1.5)
