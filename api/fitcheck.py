@@ -104,6 +104,7 @@ def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any]) -> dic
         batch_size=int(cfg["batch_size"]),
         lora_r=int(cfg["lora_r"]),
         gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
+        checkpoint_fraction=float(cfg.get("checkpoint_fraction", 1.0)),
         double_quant=bool(cfg["double_quant"]),
         optimizer=str(cfg["optimizer"]),
         compute_dtype=str(cfg["compute_dtype"]),

@@ -212,6 +212,7 @@ def estimate_training_memory(
     compute_dtype: str = "bfloat16",
     target_modules: str | list[str] = "all-linear",
     runtime_overhead_bytes: int = DEFAULT_RUNTIME_OVERHEAD_BYTES,
+    checkpoint_fraction: float = 1.0,
 ) -> dict[str, int]:
     """Predict the peak memory of one QLoRA training step from a model's config.
 
@@ -241,6 +242,8 @@ def estimate_training_memory(
         batch_size: Rows per micro-batch.
         lora_r: LoRA rank.
         gradient_checkpointing: Whether layers are recomputed in backward.
+        checkpoint_fraction: With checkpointing, the fraction of layers that are recomputed; the
+            others keep their activations (see qlora_core.models, Note: selective checkpointing).
         double_quant: Whether the 4-bit scales are double-quantized.
         optimizer: One of qlora_core.config.OPTIMIZERS.
         compute_dtype: "bfloat16", "float16" or "float32".
@@ -290,10 +293,11 @@ def estimate_training_memory(
         + c * (3 * q + 3 * kv)  # attention
         + 4 * i * c  # (B, T, i) x 4 in the MLP
     )
-    if gradient_checkpointing:
-        activations = tokens * (n_layers * h * c + per_token_layer)
-    else:
-        activations = tokens * n_layers * per_token_layer
+    n_checkpointed = round(checkpoint_fraction * n_layers) if gradient_checkpointing else 0
+    # A checkpointed layer keeps only its (B, T, h) input, plus one layer's worth while it recomputes.
+    activations = tokens * (n_checkpointed * h * c + (n_layers - n_checkpointed) * per_token_layer)
+    if n_checkpointed:
+        activations += tokens * per_token_layer
     logits = tokens * vocab * (c + 4 + 4)
     parts = {
         "base_bytes": int(base),

@@ -191,3 +191,15 @@ def test_estimate_is_in_the_ballpark_of_measured_peak(tmp_path, gradient_checkpo
     predicted = est["activation_bytes"] + est["logits_bytes"]
     # Ballpark: within a factor 4 either way; and checkpointing must show up in both numbers.
     assert predicted / 4 < measured < predicted * 4, (measured / 2**20, predicted / 2**20)
+
+
+def test_estimate_grows_as_fewer_layers_are_checkpointed() -> None:
+    from qlora_core.quant import estimate_training_memory
+
+    config = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+              "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+    act = {f: estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=f)["activation_bytes"]
+           for f in (1.0, 0.5, 0.0)}
+    none = estimate_training_memory(config, 512, 4, 64, False)["activation_bytes"]
+    assert act[1.0] < act[0.5] < act[0.0]
+    assert act[0.0] == none  # checkpointing no layer is no checkpointing
