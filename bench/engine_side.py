@@ -19,12 +19,12 @@ import os
 import resource
 import time
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench.common import add_side_arguments  # noqa: E402
 from qlora_core.config import TrainConfig  # noqa: E402
 from qlora_core.train import TrainingCallback, train  # noqa: E402
 
@@ -75,14 +75,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True, type=Path)
-    parser.add_argument("--train-file", required=True, type=Path)
-    parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument("--result-json", required=True, type=Path)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=42)
+    add_side_arguments(parser)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

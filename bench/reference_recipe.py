@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from bench.common import IGNORE_INDEX, read_jsonl, tokenize_chat  # noqa: E402
+from bench.common import IGNORE_INDEX, add_side_arguments, read_jsonl, tokenize_chat  # noqa: E402
 
 logger = logging.getLogger("bench.reference")
 
@@ -67,15 +67,8 @@ def build_model(model_dir: Path, lora_r: int, lora_alpha: int, lora_dropout: flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True, type=Path)
-    parser.add_argument("--train-file", required=True, type=Path)
-    parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument("--result-json", required=True, type=Path)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--max-len", type=int, default=512)
+    add_side_arguments(parser)
     parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
