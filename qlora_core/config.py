@@ -44,6 +44,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 4
     gradient_checkpointing: bool = True
     checkpoint_fraction: float = 1.0  # of decoder layers checkpointed (See Note: selective checkpointing)
+    fused_layers: bool = True  # lean LoRA/RMSNorm/SwiGLU autograd (qlora_core/fused.py)
     seed: int = 42
     # data
     max_seq_length: int = 1024

@@ -105,6 +105,7 @@ def add_lora(
     target_modules: str | list[str] = "all-linear",
     gradient_checkpointing: bool = True,
     checkpoint_fraction: float = 1.0,
+    fused_layers: bool = False,
 ) -> Any:
     """Freeze the 4-bit base and wrap it with trainable LoRA adapters.
 
@@ -127,6 +128,8 @@ def add_lora(
         dropout: Dropout on the LoRA input.
         target_modules: "all-linear" (every linear in the blocks, not lm_head) or module names.
         gradient_checkpointing: Recompute each block in backward (use_reentrant=False).
+        checkpoint_fraction: With checkpointing, the fraction of blocks recomputed.
+        fused_layers: Give LoRA, RMSNorm and SwiGLU modules the lean autograd of `qlora_core.fused`.
 
     Returns:
         A `peft.PeftModel` whose only trainable parameters are the LoRA A and B matrices.
@@ -163,6 +166,10 @@ def add_lora(
     for name, param in peft_model.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()  # See Note: what stays 16-bit
+    if fused_layers:
+        from qlora_core.fused import apply_fused_layers
+
+        apply_fused_layers(peft_model)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d alpha=%s on %s: %d trainable parameters", r, alpha, target_modules, n_train)
     return peft_model

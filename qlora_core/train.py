@@ -240,6 +240,7 @@ def _run(
         target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing,
         checkpoint_fraction=config.checkpoint_fraction,
+        fused_layers=config.fused_layers,
     )
     _keep_4bit_layout(model)
     device = next(p for p in model.parameters() if p.requires_grad).device

@@ -1,0 +1,194 @@
+"""Memory-lean autograd for the three layer kinds every QLoRA step runs: LoRA, RMSNorm, SwiGLU.
+
+The QLoRA recipe spends little on weights and a lot on activations, and how much autograd keeps
+per token decides how many layers can skip gradient checkpointing at a given memory budget. The
+stock modules keep more than the math needs. On SmolLM2-135M (30 Llama blocks, bf16 autocast,
+measured with `torch.autograd.graph.saved_tensors_hooks`), one block keeps ~29 KB per token:
+
+- PEFT's LoRA branch (`peft.tuners.lora.bnb.Linear4bit.forward`) casts its input to the fp32
+  adapter dtype (PEFT tests `torch.is_autocast_enabled()`, which asks about CUDA only), and CPU
+  autocast casts it back to bf16 for the matmul: two copies per call, and every one of the seven
+  projections keeps its own bf16 copy of its input (~10 KB per token) although q, k and v share
+  one input and the values equal the input's.
+- `LlamaRMSNorm` keeps its input upcast to fp32 (2.3 KB per norm per token).
+- `LlamaMLP` keeps silu(gate) beside gate and up (3 KB per token), though silu is one
+  elementwise op away from gate.
+
+The functions below keep only the input (shared with whatever else uses it) and what is costly
+to recompute, and redo the cheap elementwise parts in backward: ~20 KB per token per block, and
+none of the cast copies. Their forwards run the same ops in the same order as the modules they
+replace, so outputs are bitwise equal (tests/qlora_core/test_fused.py); backward is the same math,
+with sums in a different order where noted. The idea is the one Unsloth's hand-written LoRA/MLP
+backward passes use; these are plain torch ops, so they run wherever the model runs (CPU, CUDA).
+
+`apply_fused_layers` swaps the `forward` of matching module instances (not classes, so other
+models in the process are untouched); a module in a state the fused path does not cover (merged
+adapter, disabled adapters, DoRA or another variant, LoRA bias, mixed-batch adapter names) calls
+its original forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# RMSNorm classes whose forward is exactly Llama's: fp32 statistics, `weight * x_hat.to(dtype)`.
+# (Gemma's uses `1 + weight` and is not in this list.)
+_RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# MLP classes computing `down(act(gate(x)) * up(x))`; fused only when the activation is SiLU.
+_SWIGLU_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype PEFT's LoRA matmuls run in: autocast's when it is on, else the adapter's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+class LoraBranch(torch.autograd.Function):
+    """out = scaling * (x @ A^T) @ B^T, keeping only x and x @ A^T for backward.
+
+    The adapter weights stay in their own (fp32) dtype as leaves; they are cast to the compute
+    dtype for each matmul exactly as autocast would, and the gradients are cast back.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        xc = x.to(dtype)  # (..., K); no copy when x is already in the compute dtype
+        xa = xc @ weight_a.to(dtype).t()  # (..., r)
+        out = (xa @ weight_b.to(dtype).t()) * scaling  # (..., N)
+        ctx.save_for_backward(xc, xa, weight_a, weight_b)
+        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xc, xa, weight_a, weight_b = ctx.saved_tensors
+        dtype = xc.dtype
+        g = (grad_out.to(dtype) * ctx.scaling).reshape(-1, grad_out.shape[-1])  # (M, N)
+        xa2 = xa.reshape(-1, xa.shape[-1])  # (M, r)
+        grad_xa = g @ weight_b.to(dtype)  # (M, r)
+        grad_b = (g.t() @ xa2).to(weight_b.dtype) if ctx.needs_input_grad[2] else None  # (N, r)
+        grad_a = (grad_xa.t() @ xc.reshape(-1, xc.shape[-1])).to(weight_a.dtype) if ctx.needs_input_grad[1] else None  # (r, K)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_xa @ weight_a.to(dtype)).reshape(xc.shape).to(ctx.x_dtype)  # (..., K)
+        return grad_x, grad_a, grad_b, None, None
+
+
+class RMSNormFn(torch.autograd.Function):
+    """Llama's RMSNorm, keeping the input in its own dtype and one fp32 rstd per row.
+
+    Forward is Llama's op sequence; backward recomputes x_hat = x * rstd in fp32 and uses
+    d_x = rstd * (d_xhat - x_hat * mean(d_xhat * x_hat)).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.float32)  # (..., H)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        xhat = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * xhat
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x.to(torch.float32) * rstd  # (..., H)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad_out * weight).to(torch.float32)  # (..., H), as autograd of `weight * xhat` gives
+            grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+class SwiGLUFn(torch.autograd.Function):
+    """silu(gate) * up, keeping gate and up only; silu(gate) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        grad_up = grad_out * F.silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
+        return grad_gate, grad_up
+
+
+def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT LoRA `forward` (vanilla adapters), with the branch as one `LoraBranch`."""
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not _lora_fusable(self):
+        return self._unfused_forward(x, *args, **kwargs)
+    self._check_forward_args(x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)  # bitsandbytes keeps no activation for it
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
+        x_in = self.lora_dropout[name](x)
+        out = LoraBranch.apply(x_in, lora_a, lora_b, self.scaling[name], _compute_dtype(x, lora_a))
+        result = result + out.to(result.dtype)
+    return result
+
+
+def _lora_fusable(layer: Any) -> bool:
+    """Vanilla LoRA on every active adapter: no DoRA/variants, no LoRA bias."""
+    for name in layer.active_adapters:
+        if name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
+            return False
+    return True
+
+
+def _rmsnorm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    return RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SwiGLUFn.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_silu(act: Any) -> bool:
+    """torch's SiLU or transformers' `SiLUActivation` (ACT2FN["silu"], a bare `F.silu`)."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def apply_fused_layers(model: torch.nn.Module) -> dict[str, int]:
+    """Give every LoRA linear, Llama-style RMSNorm and SwiGLU MLP of `model` the fused forward.
+
+    Args:
+        model: a model after `peft.get_peft_model` (LoRA layers are found by their
+            `lora_A`/`lora_B`/`base_layer` attributes).
+
+    Returns:
+        How many modules of each kind were patched: {"lora": n, "rmsnorm": n, "swiglu": n}.
+    """
+    counts = {"lora": 0, "rmsnorm": 0, "swiglu": 0}
+    for module in model.modules():
+        kind = type(module).__name__
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "_check_forward_args"):
+            if not hasattr(module, "_unfused_forward"):
+                module._unfused_forward = module.forward
+                module.forward = types.MethodType(_lora_forward, module)
+            counts["lora"] += 1
+        elif kind in _RMSNORM_CLASSES:
+            module.forward = types.MethodType(_rmsnorm_forward, module)
+            counts["rmsnorm"] += 1
+        elif kind in _SWIGLU_CLASSES and _is_silu(getattr(module, "act_fn", None)):
+            module.forward = types.MethodType(_swiglu_forward, module)
+            counts["swiglu"] += 1
+    logger.info("fused layers: %s", counts)
+    return counts

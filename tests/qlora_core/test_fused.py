@@ -1,0 +1,132 @@
+"""qlora_core/fused.py: same outputs as the stock modules, same gradients, fewer saved activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_core.fused import LoraBranch, RMSNormFn, SwiGLUFn, apply_fused_layers
+from qlora_core.models import add_lora, load_quantized_model
+
+# bf16 gradients of the same math summed in another order differ by a few bf16 ulps.
+GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
+
+
+def _grads(fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_branch_matches_autograd(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g).to(dtype)  # (B, T, K)
+    a, b = torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g)  # fp32 (r, K), (N, r)
+
+    def stock(x, a, b):
+        return (x @ a.to(dtype).t() @ b.to(dtype).t()) * 0.25
+
+    out_ref, grads_ref = _grads(stock, x, a, b)
+    out, grads = _grads(lambda x, a, b: LoraBranch.apply(x, a, b, 0.25, dtype), x, a, b)
+    assert torch.equal(out, out_ref)
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == want.dtype  # fp32 adapter gradients stay fp32
+        torch.testing.assert_close(got, want, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_llama(dtype: torch.dtype) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(16, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1)).to(dtype) * 3
+    out_ref, grads_ref = _grads(lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)), x, norm.weight)
+    out, grads = _grads(lambda x, w: RMSNormFn.apply(x, w, norm.variance_epsilon), x, norm.weight)
+    assert torch.equal(out, out_ref)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_autograd(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    gate, up = torch.randn(4, 32, generator=g).to(dtype) * 4, torch.randn(4, 32, generator=g).to(dtype)
+    out_ref, grads_ref = _grads(lambda a, b: torch.nn.functional.silu(a) * b, gate, up)
+    out, grads = _grads(SwiGLUFn.apply, gate, up)
+    assert torch.equal(out, out_ref)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # same kernels, same order
+
+
+def _loss_and_grads(model_dir: Path, fused: bool, autocast: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = add_lora(load_quantized_model(model_dir, device="cpu"), 8, 16, 0.0,
+                     gradient_checkpointing=False, fused_layers=fused)  # fmt: skip
+    model.train()
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_fused_model_gives_the_same_logits_and_gradients(tiny_model_dir: Path, autocast: bool) -> None:
+    """A user notices nothing but memory: logits bitwise equal, adapter gradients equal to bf16 rounding."""
+    logits_ref, loss_ref, grads_ref = _loss_and_grads(tiny_model_dir, fused=False, autocast=autocast)
+    logits, loss, grads = _loss_and_grads(tiny_model_dir, fused=True, autocast=autocast)
+    assert torch.equal(logits, logits_ref)
+    assert torch.equal(loss, loss_ref)
+    assert len(grads) == len(grads_ref) == 2 * 7 * 2
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=1e-3 * float(want.abs().max()))
+
+
+def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, use_cache=False)
+    return sum(seen.values())
+
+
+def test_fused_layers_keep_fewer_activations(tiny_model_dir: Path) -> None:
+    ids = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(4))
+    saved = {}
+    for fused in (False, True):
+        model = add_lora(load_quantized_model(tiny_model_dir, device="cpu"), 8, 16, 0.0,
+                         gradient_checkpointing=False, fused_layers=fused)  # fmt: skip
+        model.train()
+        saved[fused] = _saved_bytes(model, ids)
+    assert saved[True] < 0.75 * saved[False], saved
+
+
+def test_unfusable_states_fall_back_to_peft(tiny_model_dir: Path) -> None:
+    """Disabled adapters (how PEFT computes the base model's output) still skip the adapters."""
+    model = add_lora(load_quantized_model(tiny_model_dir, device="cpu"), 8, 16, 0.0,
+                     gradient_checkpointing=False, fused_layers=True)  # fmt: skip
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # make the adapters change the output
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert not torch.allclose(tuned, base)
+    counts = apply_fused_layers(model)  # idempotent: a second call wraps nothing twice
+    assert counts["lora"] == 2 * 7
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, tuned)
