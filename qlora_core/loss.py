@@ -110,6 +110,49 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, gold: torch.Tensor) 
     return loss_sum, n_correct
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight^T` against `gold`, with its gradient made in forward.
+
+    # Note: gradient in forward. The loss is the last node of the graph and the output projection
+    # is frozen (lm_head, or the tied embedding), so d loss / d hidden depends on nothing backward
+    # will know except the scalar that scales the loss. Each chunk's gradient is therefore made
+    # while its logits are at hand, (softmax - onehot) @ W, and kept as one (n, H) block; backward
+    # only multiplies it by that scalar. Compared with checkpointing each chunk (See Note: chunked
+    # cross-entropy), this skips the recompute of the (n, H) @ (H, V) projection, one of its three
+    # matmuls, and holds the same one chunk of logits at a time. (Liger-Kernel's
+    # FusedLinearCrossEntropy does the same on GPU.)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_hidden = torch.empty_like(hidden)  # (N, H)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], CE_CHUNK):
+            h, g = hidden[start : start + CE_CHUNK], gold[start : start + CE_CHUNK]  # (n, H), (n,)
+            logits = F.linear(h, weight).float()  # (n, V); See Note: fp32 cross-entropy
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            rows = torch.arange(g.shape[0], device=g.device)
+            loss_sum += (lse - logits[rows, g]).sum()
+            n_correct += (logits.argmax(dim=-1) == g).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[rows, g] -= 1.0
+            grad_hidden[start : start + CE_CHUNK] = probs.to(weight.dtype) @ weight  # (n, H)
+        ctx.save_for_backward(grad_hidden)
+        ctx.mark_non_differentiable(n_correct)
+        return loss_sum, n_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden.float() * grad_loss).to(grad_hidden.dtype), None, None
+
+
+def _frozen_plain_head(head: torch.nn.Module) -> bool:
+    """An output projection `LinearCrossEntropy` can stand in for: a bias-free, frozen Linear."""
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
 def _chunked_head_loss(head: torch.nn.Module, picked: torch.Tensor, gold: torch.Tensor) -> LossParts:
     """The loss at supervised positions, projected through `head` CE_CHUNK positions at a time.
 
@@ -121,6 +164,10 @@ def _chunked_head_loss(head: torch.nn.Module, picked: torch.Tensor, gold: torch.
     # chunks equals the unchunked loss up to fp32 summation order.
     """
     train = torch.is_grad_enabled() and picked.requires_grad
+    if train and _frozen_plain_head(head):
+        dtype = torch.get_autocast_dtype(picked.device.type) if torch.is_autocast_enabled(picked.device.type) else picked.dtype
+        loss_sum, right = LinearCrossEntropy.apply(picked.to(dtype), head.weight.to(dtype), gold)
+        return LossParts(loss_sum=loss_sum, n_correct=int(right), n_tokens=int(gold.numel()))
     loss_sum = picked.float().sum() * 0.0  # a zero in the graph, so a chunkless batch still backprops
     n_correct = 0
     for start in range(0, picked.shape[0], CE_CHUNK):
