@@ -105,7 +105,7 @@ def add_lora(
     target_modules: str | list[str] = "all-linear",
     gradient_checkpointing: bool = True,
     checkpoint_fraction: float = 1.0,
-    fused_layers: bool = False,
+    fused_layers: bool = True,
 ) -> Any:
     """Freeze the 4-bit base and wrap it with trainable LoRA adapters.
 

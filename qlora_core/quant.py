@@ -213,6 +213,7 @@ def estimate_training_memory(
     target_modules: str | list[str] = "all-linear",
     runtime_overhead_bytes: int = DEFAULT_RUNTIME_OVERHEAD_BYTES,
     checkpoint_fraction: float = 1.0,
+    fused_layers: bool = True,
 ) -> dict[str, int]:
     """Predict the peak memory of one QLoRA training step from a model's config.
 
@@ -223,7 +224,14 @@ def estimate_training_memory(
       lora        P_lora * 4, P_lora = L * sum_targets r*(in+out)   adapters train in fp32
       gradients   P_lora * 4
       optimizer   P_lora * 8 (AdamW 32-bit m, v) or ~2 bytes (8-bit)
-      activations what autograd keeps per token per layer (q = heads*head_dim):
+      activations what autograd keeps per token per layer (q = heads*head_dim), with the
+                  lean layers of qlora_core.fused (fused_layers, the default):
+                  2 RMSNorms: their c-byte input                          2*c*h
+                  LoRA: the shared inputs of q/k/v, gate/up, down and
+                  the r-wide A outputs                                     c*(2h + i) + sum_targets c*r
+                  q, k, v after RoPE and the output kept by SDPA          c*(2q + 2kv)
+                  MLP: gate and up                                         2*i*c
+                  and with the stock modules (fused_layers=False):
                   2 RMSNorms: fp32 input and c-byte output each         2*(4h + c*h)
                   LoRA: PEFT casts each adapted layer's input to fp32
                   and keeps the r-wide A output                          sum_targets 4*(in + r)
@@ -249,6 +257,7 @@ def estimate_training_memory(
         compute_dtype: "bfloat16", "float16" or "float32".
         target_modules: "all-linear" or a list of module names (q_proj ... down_proj).
         runtime_overhead_bytes: Fixed cost added to the total.
+        fused_layers: Whether the run uses qlora_core.fused's LoRA/RMSNorm/SwiGLU autograd.
 
     Returns:
         Dict of byte counts: total_bytes, base_bytes, non_quantized_bytes, lora_bytes,
@@ -285,14 +294,21 @@ def estimate_training_memory(
     opt = _OPTIMIZER_STATE_BYTES[optimizer] * n_lora
 
     q = shapes["q_proj"][1]
-    # fp32 inputs of LoRA layers are copies only when the compute dtype is not fp32 already.
-    lora_in = 4 if c != 4 else 0
-    per_token_layer = (
-        2 * (4 * h + c * h)  # (B, T, h) fp32 + compute-dtype per norm
-        + sum(lora_in * shapes[t][0] + 4 * lora_r for t in targets)  # (B, T, in), (B, T, r)
-        + c * (3 * q + 3 * kv)  # attention
-        + 4 * i * c  # (B, T, i) x 4 in the MLP
-    )
+    if fused_layers:  # measured on SmolLM2 with saved_tensors_hooks: 17.8 KB/token/layer, as this says
+        per_token_layer = (
+            2 * c * h  # (B, T, h) norm inputs
+            + c * (2 * h + i) + sum(c * lora_r for _ in targets)  # shared LoRA inputs, (B, T, r) each
+            + c * (2 * q + 2 * kv)  # attention
+            + 2 * i * c  # (B, T, i) gate and up
+        )
+    else:
+        lora_in = 4 if c != 4 else 0  # PEFT's fp32 input copies exist only when c is not fp32
+        per_token_layer = (
+            2 * (4 * h + c * h)  # (B, T, h) fp32 + compute-dtype per norm
+            + sum(lora_in * shapes[t][0] + 4 * lora_r for t in targets)  # (B, T, in), (B, T, r)
+            + c * (3 * q + 3 * kv)  # attention
+            + 4 * i * c  # (B, T, i) x 4 in the MLP
+        )
     n_checkpointed = round(checkpoint_fraction * n_layers) if gradient_checkpointing else 0
     # A checkpointed layer keeps only its (B, T, h) input, plus one layer's worth while it recomputes.
     activations = tokens * (n_checkpointed * h * c + (n_layers - n_checkpointed) * per_token_layer)
