@@ -239,7 +239,10 @@ def estimate_training_memory(
                   kept by SDPA                                           c*(3q + 3kv)
                   MLP: gate, up, act(gate), act*up                       4*i*c
                   With gradient checkpointing only each layer's input (c*h) is kept, plus one
-                  layer's full set while it is recomputed in backward.
+                  layer's full set while it is recomputed in backward. Either way, the layer
+                  running backward adds about two more sets: the gradients of its activations
+                  and the temporaries its forward freed (projections before RoPE, base outputs
+                  before the LoRA add).
       logits      N * V * (c + 4 + 4)   logits, their fp32 upcast and log-softmax in the loss
       overhead    runtime_overhead_bytes
     Memory-efficient attention (SDPA flash/efficient kernels) is assumed: no (T, T) matrix.
@@ -314,6 +317,7 @@ def estimate_training_memory(
     activations = tokens * (n_checkpointed * h * c + (n_layers - n_checkpointed) * per_token_layer)
     if n_checkpointed:
         activations += tokens * per_token_layer
+    activations += 2 * tokens * per_token_layer  # the backward workspace of one layer
     logits = tokens * vocab * (c + 4 + 4)
     parts = {
         "base_bytes": int(base),

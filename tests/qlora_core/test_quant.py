@@ -174,9 +174,11 @@ def test_estimate_is_in_the_ballpark_of_measured_peak(tmp_path, gradient_checkpo
     """Peak RSS growth of one forward+backward vs. the estimate's activations + logits.
 
     A fresh process per case: a warm allocator would reuse the other case's freed memory.
-    Measured on the 2-core CPU box: 1.6x the prediction without checkpointing, about 3x with
-    it. The gap is a per-token transient of ~48 KB in this 256-wide model that does not depend
-    on checkpointing or on T (so not attention scores); the estimate does not model it yet.
+    Measured on the 2-core CPU box with the fused layers: 2.2x the prediction without
+    checkpointing, 2.3x with it. The rest is a per-token transient of ~40 KB in this 256-wide
+    model that depends neither on checkpointing nor on T (so not attention scores); even a
+    no-grad forward peaks at ~18 KB per token. Freed-but-retained heap is the likeliest part;
+    the estimate does not model it.
     """
     from qlora_core.testing import build_tiny_llama_dir
 
