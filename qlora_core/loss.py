@@ -5,8 +5,10 @@ with V = 49,152 for SmolLM2, followed by a (B*T, V) fp32 softmax. With the loss 
 (the QLoRA recipe), most positions are prompt or padding and their logits are thrown away. So we
 run the decoder body, keep the hidden states at positions whose *next* token is supervised, and
 project just those: (N, H) -> (N, V) with N the number of supervised tokens. The same idea is
-torchtune's "chunked/masked output" and Liger's fused linear cross-entropy. See Note: chunked
-cross-entropy for how the (N, V) block is kept from materialising whole.
+torchtune's "chunked/masked output" and Liger's fused linear cross-entropy. In training the (N, V)
+block is never whole: `LinearCrossEntropy` works through it CE_CHUNK rows at a time and makes the
+gradient as it goes (See Note: gradient in forward); a head it cannot stand in for (trainable,
+biased, adapted) takes the checkpointed chunks of Note: chunked cross-entropy.
 
 Works for any `*ForCausalLM` that exposes `get_decoder()` and `get_output_embeddings()` and applies
 no transformation to the logits (no soft-capping, no logit scale); otherwise it falls back to the

@@ -32,10 +32,13 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+@pytest.mark.parametrize("gradient_in_forward", [True, False])  # LinearCrossEntropy, or checkpointed chunks
 @pytest.mark.parametrize("chunk", [256, 7])  # one chunk; several chunks with a ragged last one
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_supervised_only_matches_full_logits(model, dtype, chunk, monkeypatch):
+def test_supervised_only_matches_full_logits(model, dtype, chunk, gradient_in_forward, monkeypatch):
     monkeypatch.setattr(loss_mod, "CE_CHUNK", chunk)
+    if not gradient_in_forward:
+        monkeypatch.setattr(loss_mod, "_frozen_plain_head", lambda head: False)
     batch = _batch()
     results = {}
     for supervised_only in (True, False):
