@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,9 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from openai import OpenAI
+
+from service.probe import free_port, wait_until_ready
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -64,12 +64,6 @@ def _bin(name: str) -> list[str]:
     return [sys.executable, "-m", {"qlora": "service.cli"}.get(name, name)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _service_env(data_dir: Path) -> dict[str, str]:
     """The environment of a private service: no QLORA_* of the caller's shell leaks in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
@@ -90,7 +84,7 @@ class Service:
     """`qlora serve` in its own process group (so a stop reaches the worker it started too)."""
 
     def __init__(self, data_dir: Path, with_worker: bool) -> None:
-        self.data_dir, self.port = data_dir, _free_port()
+        self.data_dir, self.port = data_dir, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = _service_env(data_dir)
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
@@ -104,18 +98,7 @@ class Service:
 
     def wait_ready(self) -> OpenAI:
         """Wait for `/readyz`, then return an SDK client holding the dev key."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qlora serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise RuntimeError(f"{self.url} not ready after {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+        wait_until_ready(self.url, {"qlora serve": self.proc}, READY_TIMEOUT_S, log_tail=self.log_tail, interval_s=0.3)
         self.key = (self.data_dir / "dev_api_key").read_text().strip()
         return OpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0, timeout=60)
 

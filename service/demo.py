@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -26,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from service.probe import free_port, wait_until_ready
 from service.settings import get_settings
 
 BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -55,26 +55,6 @@ def to_chat(question: str, answer: str) -> dict[str, Any]:
         {"role": "user", "content": question.strip()},
         {"role": "assistant", "content": f"{body}\nThe answer is {final.strip()}."},
     ]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(base_url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`qlora serve` exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(base_url + "/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the service was not ready after {READY_TIMEOUT_S:.0f} s; see {log_path}")
 
 
 def _bar(step: int, total: int, width: int = 30) -> str:
@@ -145,7 +125,7 @@ def run_demo(steps: int | None = None, n_examples: int | None = None) -> int:
     examples = [to_chat(r["question"], r["answer"]) for r in rows[: n_examples + N_HELD_OUT]]
     train, held_out = examples[:n_examples], examples[n_examples:]
 
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = Path(settings.data_dir) / "demo-serve.log"
     print(f"Starting the service at {base_url} (data dir {settings.data_dir}; log {log_path}) ...", flush=True)
@@ -153,7 +133,7 @@ def run_demo(steps: int | None = None, n_examples: int | None = None) -> int:
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(base_url, server, log_path)
+        wait_until_ready(base_url, {"qlora serve": server}, READY_TIMEOUT_S, log_tail=lambda: f"see {log_path}")
         key = (Path(settings.data_dir) / "dev_api_key").read_text().strip()
         client = OpenAI(base_url=base_url + "/v1", api_key=key)
         data = "".join(json.dumps(ex) + "\n" for ex in train).encode()

@@ -7,7 +7,6 @@ end to end. Jobs go to the real embedded broker.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import openai
 import pytest
 
 from qlora_core.store import BUNDLED_MODEL_ID
+from service.probe import free_port
 from tests.api.conftest import jsonl
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
 def server(settings, alice):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "QLORA_DATA_DIR": str(settings.data_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], env=env)

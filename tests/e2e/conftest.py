@@ -16,15 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
+from service.probe import free_port, wait_until_ready
 from tests.e2e.services import private_postgres, private_redis
 
 TINY_MODEL_ID = "test/tiny-llama"
@@ -35,12 +34,6 @@ def qlora_cmd(*args: str) -> list[str]:
     """The `qlora` console script of this interpreter's environment (or `python -m service.cli`)."""
     script = Path(sys.executable).parent / "qlora"
     return [str(script), *args] if script.exists() else [sys.executable, "-m", "service.cli", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -90,21 +83,6 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
         proc.wait()
 
 
-def _wait_ready(base_url: str, procs: dict[str, subprocess.Popen[bytes]], service: LiveService) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for name, p in procs.items():
-            if p.poll() is not None:
-                raise RuntimeError(f"{name} exited with {p.returncode}:\n{service.log_tail()}")
-        try:
-            if httpx.get(base_url + "/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"service not ready after {READY_TIMEOUT_S} s:\n{service.log_tail()}")
-
-
 @pytest.fixture(scope="module", params=["embedded", "production"])
 def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LiveService]:
     """A running API + worker pair in `request.param` mode, with an API key of tenant `e2e`."""
@@ -140,5 +118,5 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             fh = stack.enter_context(open(log, "wb"))
             procs[name] = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
             stack.callback(_stop, procs[name])
-        _wait_ready(service.base_url, procs, service)
+        wait_until_ready(service.base_url, procs, READY_TIMEOUT_S, log_tail=service.log_tail)
         yield service

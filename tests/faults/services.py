@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pytest
 
+from service.probe import free_port
+
 START_TIMEOUT_S = 60.0
 # Figures the fault tests measured (e.g. requests tried); conftest prints them as key=value at the end.
 FIGURES: dict[str, int] = {}
@@ -54,13 +56,6 @@ def require(exc: ServiceUnavailable) -> None:
     if os.environ.get("QLORA_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{exc} (QLORA_REQUIRE_SERVICES=1)")
     pytest.skip(str(exc))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
