@@ -39,8 +39,14 @@ from qlora_core.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
-# Changing these between a checkpoint and its resume changes only what is reported, not the math.
-_RESUME_SAFE_FIELDS = {"logging_steps", "eval_steps", "n_checkpoints", "checkpoint_steps", "max_eval_examples"}
+# Changing these between a checkpoint and its resume changes only what is reported, or memory and
+# time (the gradients agree to bf16 rounding), not the math. The memory ones let a run that hit
+# out_of_memory resume with more checkpointing, and a checkpoint written before an option existed
+# resume under its default.
+_RESUME_SAFE_FIELDS = {
+    "logging_steps", "eval_steps", "n_checkpoints", "checkpoint_steps", "max_eval_examples",
+    "gradient_checkpointing", "checkpoint_fraction", "fused_layers",
+}  # fmt: skip
 
 
 def _load_malloc_trim() -> Any:

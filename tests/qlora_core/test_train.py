@@ -207,6 +207,26 @@ def test_resume_refuses_a_different_config(tiny_model_dir, data_files, tmp_path)
     assert [s for s, _ in result.checkpoints] == [1]
 
 
+def test_resume_may_change_memory_settings(tiny_model_dir, data_files, tmp_path):
+    """A run that hit out_of_memory can resume with more checkpointing or the stock layers.
+
+    Those settings change memory and time only: the adapter ends within bf16 rounding of a run
+    that never changed them (and a checkpoint from before an option existed resumes too).
+    """
+    train_file, _ = data_files
+    config = _config(checkpoint_steps=1, gradient_checkpointing=False, fused_layers=True)
+    reference = train(tiny_model_dir, train_file, tmp_path / "a", config)
+    train(tiny_model_dir, train_file, tmp_path / "b", config, callback=Recorder(stop_at=2))
+    cb = Recorder()
+    lean = _config(checkpoint_steps=1, gradient_checkpointing=True, checkpoint_fraction=0.5, fused_layers=False)
+    resumed = train(tiny_model_dir, train_file, tmp_path / "b", lean, callback=cb)
+    assert cb.start["resumed_from_step"] == 2
+    assert resumed.status == "completed" and resumed.steps == reference.steps
+    a, b = _adapter(tmp_path / "a" / "adapter"), _adapter(tmp_path / "b" / "adapter")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=2e-2, atol=2e-3 * float(a[key].abs().max()))
+
+
 def test_cancellation_stops_without_adapter(tiny_model_dir, data_files, tmp_path):
     train_file, _ = data_files
     cb = Recorder(stop_at=2)
