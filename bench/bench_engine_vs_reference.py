@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int, default=4)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="8 train / 4 eval examples, batch 2x2, 1 repeat")
     parser.add_argument("--model-dir", default=None, help="base model dir (default: the store's bundled model)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: a temp dir, removed)")
