@@ -54,7 +54,7 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class LoraBranch(torch.autograd.Function):
-    """out = scaling * (x @ A^T) @ B^T, keeping only x and x @ A^T for backward.
+    """out = (x @ A^T) @ (scaling * B)^T, keeping only x and x @ A^T for backward.
 
     The adapter weights stay in their own (fp32) dtype as leaves; they are cast to the compute
     dtype for each matmul exactly as autocast would, and the gradients are cast back.
@@ -64,7 +64,7 @@ class LoraBranch(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
         xc = x.to(dtype)  # (..., K); no copy when x is already in the compute dtype
         xa = xc @ weight_a.to(dtype).t()  # (..., r)
-        out = (xa @ weight_b.to(dtype).t()) * scaling  # (..., N)
+        out = xa @ _scaled(weight_b, scaling, dtype).t()  # (..., N)
         ctx.save_for_backward(xc, xa, weight_a, weight_b)
         ctx.scaling, ctx.x_dtype = scaling, x.dtype
         return out
@@ -73,15 +73,28 @@ class LoraBranch(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, xa, weight_a, weight_b = ctx.saved_tensors
         dtype = xc.dtype
-        g = (grad_out.to(dtype) * ctx.scaling).reshape(-1, grad_out.shape[-1])  # (M, N)
+        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (M, N)
         xa2 = xa.reshape(-1, xa.shape[-1])  # (M, r)
-        grad_xa = g @ weight_b.to(dtype)  # (M, r)
-        grad_b = (g.t() @ xa2).to(weight_b.dtype) if ctx.needs_input_grad[2] else None  # (N, r)
+        grad_xa = g @ _scaled(weight_b, ctx.scaling, dtype)  # (M, r)
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = ((g.t() @ xa2).to(torch.float32) * ctx.scaling).to(weight_b.dtype)  # (N, r)
         grad_a = (grad_xa.t() @ xc.reshape(-1, xc.shape[-1])).to(weight_a.dtype) if ctx.needs_input_grad[1] else None  # (r, K)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_xa @ weight_a.to(dtype)).reshape(xc.shape).to(ctx.x_dtype)  # (..., K)
         return grad_x, grad_a, grad_b, None, None
+
+
+def _scaled(weight_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """scaling * B in the compute dtype.
+
+    # Note: scaling folded into B. PEFT scales the (M, N) LoRA output; scaling the (N, r) matrix
+    # instead saves a pass over that output in forward and over its gradient in backward. With a
+    # power-of-two scaling (the QLoRA default alpha/r = 16/64) both are exact, so the result is
+    # bitwise PEFT's; otherwise the two differ by one rounding.
+    """
+    return (weight_b * scaling).to(dtype)
 
 
 class RMSNormFn(torch.autograd.Function):

@@ -21,21 +21,29 @@ def _grads(fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]
     return out.detach(), [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("scaling", [0.25, 0.3])  # power of two: bitwise (See Note: scaling folded into B)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_branch_matches_autograd(dtype: torch.dtype) -> None:
+def test_lora_branch_matches_autograd(dtype: torch.dtype, scaling: float) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 16, generator=g).to(dtype)  # (B, T, K)
     a, b = torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g)  # fp32 (r, K), (N, r)
 
-    def stock(x, a, b):
-        return (x @ a.to(dtype).t() @ b.to(dtype).t()) * 0.25
+    def stock(x, a, b):  # PEFT's order under autocast
+        return (x @ a.to(dtype).t() @ b.to(dtype).t()) * scaling
 
     out_ref, grads_ref = _grads(stock, x, a, b)
-    out, grads = _grads(lambda x, a, b: LoraBranch.apply(x, a, b, 0.25, dtype), x, a, b)
-    assert torch.equal(out, out_ref)
+    out, grads = _grads(lambda x, a, b: LoraBranch.apply(x, a, b, scaling, dtype), x, a, b)
+    if scaling == 0.25:
+        assert torch.equal(out, out_ref)
+    else:  # one rounding apart: no further from the fp32 result than PEFT's order is
+        exact = (x.double() @ a.double().t() @ b.double().t()) * scaling
+        err, err_ref = (out.double() - exact).abs().max(), (out_ref.double() - exact).abs().max()
+        assert err <= 2 * err_ref + 1e-6, (err, err_ref)
     for got, want in zip(grads, grads_ref):
         assert got.dtype == want.dtype  # fp32 adapter gradients stay fp32
-        torch.testing.assert_close(got, want, **GRAD_TOL[dtype])
+        # bf16 elements near zero can differ by one rounding of a much larger sum: scale atol.
+        tol = GRAD_TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2 * float(want.abs().max()))
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
