@@ -16,10 +16,9 @@ import secrets
 from typing import Any
 
 from api.errors import bad_request
-from api.schemas import Hyperparameters, JobCreate
+from api.schemas import BASE_LEARNING_RATE, Hyperparameters, JobCreate
 from qlora_core.config import TrainConfig
 
-BASE_LEARNING_RATE = 2e-4
 AUTO_N_EPOCHS = 3
 AUTO_BATCH_SIZE = 4
 MAX_SUFFIX = 64

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from qlora_core.config import TrainConfig
 from service.db import Checkpoint, File, Job, JobEvent
 
+# learning_rate_multiplier multiplies this: the QLoRA paper's learning rate.
+BASE_LEARNING_RATE = 2e-4
+
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED = ("succeeded", "failed", "cancelled")
 UNFINISHED = ("validating_files", "queued", "running")
@@ -194,8 +197,6 @@ class JobObject(BaseModel):
 
 def resolved_hyperparameters(cfg: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's three hyperparameters as resolved into a TrainConfig dict."""
-    from api.jobspec import BASE_LEARNING_RATE
-
     lr = cfg.get("learning_rate", BASE_LEARNING_RATE)
     return {
         "batch_size": cfg.get("batch_size"),

@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = make_celery(get_settings())
+# The worker imports the task module when it boots ("qlora.run_job" is sent by name, never by import).
+app.conf.include = ["worker.tasks"]
 
 
 @worker_process_init.connect
@@ -33,5 +35,3 @@ def _fresh_child(**_: object) -> None:
 
     get_engine(get_settings().database_url).dispose(close=False)
 
-
-import worker.tasks  # noqa: E402,F401  (registers "qlora.run_job" on `app`)

@@ -24,6 +24,7 @@ from service.db import Job, Worker
 from service.queue import TASK_RUN_JOB
 from service.settings import Settings, get_settings
 from worker.app import app
+from worker.errors import JobFailed
 from worker.events import add_event, event_values
 from worker.lease import ACTIVE_STATUSES, acquire, make_owner, release, transition
 
@@ -35,14 +36,6 @@ _workers = Worker.__table__
 # A job whose worker died this many times (OOM killer, node loss) fails instead of looping:
 # see Note: late acks and lost workers in service/queue.py.
 MAX_ATTEMPTS = 5
-
-
-class JobFailed(Exception):
-    """A failure to record on the job as `error = {code, message, param}`."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
 
 
 @app.task(name=TASK_RUN_JOB, bind=True, ignore_result=True)

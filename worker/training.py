@@ -18,6 +18,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from service.db import Job, JobEvent, Model, Tenant
 from service.settings import Settings
+from worker.errors import JobFailed
 from worker.events import event_values
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     from qlora_core.train import OutOfMemory, train
     from qlora_core.validate import DatasetError
     from worker.runner import DbCallback, LeaseLost
-    from worker.tasks import JobFailed
     from worker.validation import file_path
 
     try:

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, select
 
 from service.db import File
 from service.settings import Settings
+from worker.errors import JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ def file_path(engine: Engine, settings: Settings, file_id: str, tenant_id: str, 
     Raises:
         JobFailed: `invalid_training_file` when the file is gone (deleted or missing on disk).
     """
-    from worker.tasks import JobFailed
 
     with engine.connect() as conn:
         row = conn.execute(
@@ -61,7 +61,6 @@ def validate_job_files(engine: Engine, settings: Settings, job: Any, emit: Calla
     """
     from qlora_core.config import TrainConfig
     from qlora_core.validate import validate_jsonl
-    from worker.tasks import JobFailed
 
     config = TrainConfig.from_dict(job.config)
     files = [("training_file", job.training_file)]
