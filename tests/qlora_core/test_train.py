@@ -243,7 +243,7 @@ def test_saved_adapter_reproduces_final_validation(tiny_model_dir, data_files, t
 
     from qlora_core import data, models
     from qlora_core.loss import causal_lm_loss
-    from qlora_core.train import _valid_plan
+    from qlora_core.plan import valid_plan
 
     train_file, valid_file = data_files
     config = _config(n_epochs=3, learning_rate=1e-2)
@@ -257,7 +257,7 @@ def test_saved_adapter_reproduces_final_validation(tiny_model_dir, data_files, t
     examples, _ = data.tokenize_file(tokenizer, valid_file, config.max_seq_length, config.train_on_inputs)
     loss, correct, tokens = 0.0, 0, 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for rows in _valid_plan(examples, config):
+        for rows in valid_plan(examples, config):
             parts = causal_lm_loss(model, data.collate(examples, rows, tokenizer.pad_token_id))
             loss, correct, tokens = loss + float(parts.loss_sum), correct + parts.n_correct, tokens + parts.n_tokens
     # Training upcasts norms/embeddings to fp32 (prepare_model_for_kbit_training); a fresh load keeps
