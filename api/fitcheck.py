@@ -104,7 +104,7 @@ def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any]) -> dic
         batch_size=int(cfg["batch_size"]),
         lora_r=int(cfg["lora_r"]),
         gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
-        checkpoint_fraction=float(cfg.get("checkpoint_fraction", 1.0)),
+        checkpoint_fraction=cfg.get("checkpoint_fraction"),  # None: the engine's automatic choice
         fused_layers=bool(cfg.get("fused_layers", True)),
         double_quant=bool(cfg["double_quant"]),
         optimizer=str(cfg["optimizer"]),

@@ -8,7 +8,7 @@ The API validates user input against the same ranges (`TrainConfig.validate`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -43,7 +43,9 @@ class TrainConfig:
     batch_size: int = 4  # examples (or packed rows) per micro-batch
     gradient_accumulation_steps: int = 4
     gradient_checkpointing: bool = True
-    checkpoint_fraction: float = 1.0  # of decoder layers checkpointed (See Note: selective checkpointing)
+    # of decoder layers checkpointed (See Note: selective checkpointing); None: as many as leave the
+    # run's memory under the full-logits recipe's (qlora_core.quant.auto_checkpoint_fraction)
+    checkpoint_fraction: float | None = None
     fused_layers: bool = True  # lean LoRA/RMSNorm/SwiGLU autograd (qlora_core/fused.py)
     seed: int = 42
     # data
@@ -106,6 +108,8 @@ class TrainConfig:
             bad("gradient_accumulation_steps", "gradient_accumulation_steps must be between 1 and 1024")
         if not 16 <= self.max_seq_length <= 131072:
             bad("max_seq_length", f"max_seq_length must be between 16 and 131072, got {self.max_seq_length}")
+        if self.checkpoint_fraction is not None and not 0.0 <= self.checkpoint_fraction <= 1.0:
+            bad("checkpoint_fraction", f"checkpoint_fraction must be in [0, 1], got {self.checkpoint_fraction}")
         if self.overlong not in OVERLONG:
             bad("overlong", f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
         if self.logging_steps < 1:

@@ -212,7 +212,7 @@ def estimate_training_memory(
     compute_dtype: str = "bfloat16",
     target_modules: str | list[str] = "all-linear",
     runtime_overhead_bytes: int = DEFAULT_RUNTIME_OVERHEAD_BYTES,
-    checkpoint_fraction: float = 1.0,
+    checkpoint_fraction: float | None = 1.0,
     fused_layers: bool = True,
 ) -> dict[str, int]:
     """Predict the peak memory of one QLoRA training step from a model's config.
@@ -255,6 +255,7 @@ def estimate_training_memory(
         gradient_checkpointing: Whether layers are recomputed in backward.
         checkpoint_fraction: With checkpointing, the fraction of layers that are recomputed; the
             others keep their activations (see qlora_core.models, Note: selective checkpointing).
+            None: `auto_checkpoint_fraction`'s choice.
         double_quant: Whether the 4-bit scales are double-quantized.
         optimizer: One of qlora_core.config.OPTIMIZERS.
         compute_dtype: "bfloat16", "float16" or "float32".
@@ -283,8 +284,7 @@ def estimate_training_memory(
     unknown = [t for t in targets if t not in shapes]
     if unknown:
         raise ValueError(f"unknown target module(s) {unknown}; expected names from {list(shapes)}")
-    n_layers, h, i, vocab = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = shapes["k_proj"][1]
+    n_layers, h, vocab = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
     c = _DTYPE_BYTES[compute_dtype]
     tokens = batch_size * seq_len
 
@@ -296,22 +296,9 @@ def estimate_training_memory(
     lora = gradients = 4 * n_lora
     opt = _OPTIMIZER_STATE_BYTES[optimizer] * n_lora
 
-    q = shapes["q_proj"][1]
-    if fused_layers:  # measured on SmolLM2 with saved_tensors_hooks: 17.8 KB/token/layer, as this says
-        per_token_layer = (
-            2 * c * h  # (B, T, h) norm inputs
-            + c * (2 * h + i) + sum(c * lora_r for _ in targets)  # shared LoRA inputs, (B, T, r) each
-            + c * (2 * q + 2 * kv)  # attention
-            + 2 * i * c  # (B, T, i) gate and up
-        )
-    else:
-        lora_in = 4 if c != 4 else 0  # PEFT's fp32 input copies exist only when c is not fp32
-        per_token_layer = (
-            2 * (4 * h + c * h)  # (B, T, h) fp32 + compute-dtype per norm
-            + sum(lora_in * shapes[t][0] + 4 * lora_r for t in targets)  # (B, T, in), (B, T, r)
-            + c * (3 * q + 3 * kv)  # attention
-            + 4 * i * c  # (B, T, i) x 4 in the MLP
-        )
+    per_token_layer = _activation_bytes_per_token_layer(config_json, lora_r, c, targets, fused_layers)
+    if checkpoint_fraction is None:
+        checkpoint_fraction = auto_checkpoint_fraction(config_json, lora_r, compute_dtype, target_modules, fused_layers)
     n_checkpointed = round(checkpoint_fraction * n_layers) if gradient_checkpointing else 0
     # A checkpointed layer keeps only its (B, T, h) input, plus one layer's worth while it recomputes.
     activations = tokens * (n_checkpointed * h * c + (n_layers - n_checkpointed) * per_token_layer)
@@ -330,3 +317,62 @@ def estimate_training_memory(
         "overhead_bytes": int(runtime_overhead_bytes),
     }
     return {"total_bytes": sum(parts.values()), **parts, "n_lora_params": int(n_lora)}
+
+
+def _activation_bytes_per_token_layer(
+    config_json: dict, lora_r: int, c: int, targets: list[str], fused_layers: bool
+) -> int:
+    """What autograd keeps per token in one un-checkpointed block (see `estimate_training_memory`)."""
+    cfg = _text_config(config_json)
+    shapes = linear_shapes(config_json)
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    if fused_layers:  # measured on SmolLM2 with saved_tensors_hooks: 17.8 KB/token/layer, as this says
+        return (
+            2 * c * h  # (B, T, h) norm inputs
+            + c * (2 * h + i) + sum(c * lora_r for _ in targets)  # shared LoRA inputs, (B, T, r) each
+            + c * (2 * q + 2 * kv)  # attention
+            + 2 * i * c  # (B, T, i) gate and up
+        )
+    lora_in = 4 if c != 4 else 0  # PEFT's fp32 input copies exist only when c is not fp32
+    return (
+        2 * (4 * h + c * h)  # (B, T, h) fp32 + compute-dtype per norm
+        + sum(lora_in * shapes[t][0] + 4 * lora_r for t in targets)  # (B, T, in), (B, T, r)
+        + c * (3 * q + 3 * kv)  # attention
+        + 4 * i * c  # (B, T, i) x 4 in the MLP
+    )
+
+
+def auto_checkpoint_fraction(
+    config_json: dict,
+    lora_r: int,
+    compute_dtype: str = "bfloat16",
+    target_modules: str | list[str] = "all-linear",
+    fused_layers: bool = True,
+) -> float:
+    """The fraction of decoder layers to checkpoint when the user leaves it to us.
+
+    # Note: memory-neutral checkpointing. The usual QLoRA recipe (transformers' loss) holds the
+    # logits of every position, their fp32 copy and the log-softmax: V * (c + 4 + 4) bytes per
+    # token. Our loss holds one chunk of supervised rows (qlora_core/loss.py), so that memory is
+    # free. We spend half of it, per token, on blocks that skip the checkpoint recompute (each
+    # costs its activations minus the input a checkpointed block keeps) and checkpoint the rest.
+    # The choice depends only on the model's shape, not on batch or length (both sides scale with
+    # tokens), so it is the same for every run of a model: on SmolLM2 (V = 49,152, width 576)
+    # 16 of 30 blocks stay checkpointed; on a Llama-7B shape (V = 32,000, width 4096) 31 of 32.
+    # A head with LoRA on it takes the full-logits path and frees nothing: everything is checkpointed.
+
+    Returns:
+        A fraction in [0, 1] of layers to checkpoint, a multiple of 1 / num_hidden_layers.
+    """
+    cfg = _text_config(config_json)
+    targets = list(ALL_LINEAR) if target_modules == "all-linear" else list(target_modules)
+    if "lm_head" in targets:
+        return 1.0
+    c = _DTYPE_BYTES[compute_dtype]
+    n_layers, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+    freed = cfg["vocab_size"] * (c + 4 + 4)  # per token
+    known = [t for t in targets if t in linear_shapes(config_json)]
+    per_layer = _activation_bytes_per_token_layer(config_json, lora_r, c, known, fused_layers) - c * h
+    n_free = min(n_layers, int(0.5 * freed // max(per_layer, 1)))
+    return (n_layers - n_free) / n_layers

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import logging
 import random
 import shutil
@@ -36,6 +37,7 @@ from qlora_core.config import TrainConfig
 from qlora_core.loss import causal_lm_loss, count_supervised, supports_supervised_logits
 from qlora_core.optim import build_optimizer, build_scheduler
 from qlora_core.plan import RunPlan, make_plan, valid_plan
+from qlora_core.quant import auto_checkpoint_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +240,14 @@ def _run(
         cb.on_message("info", f"resume=False: removing the previous run's checkpoints in {output_dir}")
         shutil.rmtree(output_dir / ckpt.CHECKPOINTS)
         shutil.rmtree(output_dir / ckpt.ADAPTER, ignore_errors=True)
+    fraction = config.checkpoint_fraction
+    if fraction is None and config.gradient_checkpointing:  # See Note: memory-neutral checkpointing
+        model_config = json.loads((Path(model_dir) / "config.json").read_text())
+        fraction = auto_checkpoint_fraction(
+            model_config, config.lora_r, config.compute_dtype, config.target_modules, config.fused_layers
+        )
+        cb.on_message("info", f"checkpoint_fraction not set: checkpointing {fraction:.0%} of the decoder layers, "
+                              "spending half the memory the chunked loss saves on the rest")  # fmt: skip
     model = models.load_quantized_model(
         model_dir, quant_type=config.quant_type, double_quant=config.double_quant, compute_dtype=config.compute_dtype
     )
@@ -248,7 +258,7 @@ def _run(
         dropout=config.lora_dropout,
         target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing,
-        checkpoint_fraction=config.checkpoint_fraction,
+        checkpoint_fraction=1.0 if fraction is None else fraction,
         fused_layers=config.fused_layers,
     )
     _keep_4bit_layout(model)
@@ -289,6 +299,7 @@ def _run(
             "trainable_parameters": sum(p.numel() for p in params),
             "warmup_steps": warmup_steps,
             "checkpoint_steps": sorted(plan.checkpoint_steps),
+            "checkpoint_fraction": fraction if config.gradient_checkpointing else 0.0,
         }
     )
 

@@ -205,3 +205,30 @@ def test_estimate_grows_as_fewer_layers_are_checkpointed() -> None:
     none = estimate_training_memory(config, 512, 4, 64, False)["activation_bytes"]
     assert act[1.0] < act[0.5] < act[0.0]
     assert act[0.0] == none  # checkpointing no layer is no checkpointing
+
+
+LLAMA_7B_CONFIG = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+
+
+def test_auto_checkpointing_spends_only_what_the_chunked_loss_frees() -> None:
+    """See Note: memory-neutral checkpointing: a big vocabulary on a narrow model frees a lot; a 7B little."""
+    from qlora_core.quant import auto_checkpoint_fraction
+
+    assert auto_checkpoint_fraction(SMOL_CONFIG, 64) == 16 / 30
+    assert auto_checkpoint_fraction(LLAMA_7B_CONFIG, 64) == 31 / 32
+    # the stock layers keep more per block, so fewer blocks skip the recompute
+    assert 16 / 30 < auto_checkpoint_fraction(SMOL_CONFIG, 64, fused_layers=False) < 1.0
+    # and what they keep never exceeds half of the logits memory the reference recipe would hold
+    for config in (SMOL_CONFIG, LLAMA_7B_CONFIG):
+        full = estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=1.0)
+        auto = estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=None)
+        assert 0 <= auto["activation_bytes"] - full["activation_bytes"] <= full["logits_bytes"] / 2
+
+
+def test_train_config_refuses_a_fraction_outside_0_1() -> None:
+    from qlora_core.config import TrainConfig
+
+    assert TrainConfig().checkpoint_fraction is None  # automatic
+    assert TrainConfig(checkpoint_fraction=0.25).validate() == []
+    assert [p for p, _ in TrainConfig(checkpoint_fraction=1.5).validate()] == ["checkpoint_fraction"]
