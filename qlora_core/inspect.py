@@ -67,6 +67,7 @@ def inspect_model(
         batch_size=batch_size,
         lora_r=lora_r,
         gradient_checkpointing=gradient_checkpointing,
+        checkpoint_fraction=None,  # what a run with the defaults checkpoints
         double_quant=double_quant,
         optimizer=optimizer,
         compute_dtype=compute_dtype,
