@@ -16,9 +16,10 @@ measured with `torch.autograd.graph.saved_tensors_hooks`), one block keeps ~29 K
 
 The functions below keep only the input (shared with whatever else uses it) and what is costly
 to recompute, and redo the cheap elementwise parts in backward: ~20 KB per token per block, and
-none of the cast copies. Their forwards run the same ops in the same order as the modules they
-replace, so outputs are bitwise equal (tests/qlora_core/test_fused.py); backward is the same math,
-with sums in a different order where noted. The idea is the one Unsloth's hand-written LoRA/MLP
+none of the cast copies (~18 KB measured). Their forwards run the same ops in the same order as
+the modules they replace, so outputs are bitwise equal (tests/qlora_core/test_fused.py), except
+that LoRA's scaling multiplies B rather than the output (See Note: scaling folded into B; exact for
+power-of-two alpha/r, the default); backward is the same math, with sums in a different order. The idea is the one Unsloth's hand-written LoRA/MLP
 backward passes use; these are plain torch ops, so they run wherever the model runs (CPU, CUDA).
 
 `apply_fused_layers` swaps the `forward` of matching module instances (not classes, so other
