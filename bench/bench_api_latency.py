@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from openai import OpenAI
 
-from service.probe import free_port, wait_until_ready
+from service.probe import free_port, wait_for_job_status, wait_until_ready
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -47,6 +47,7 @@ BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL_ID = "tiny-llama"
 READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 300.0
+FINISHED = ("succeeded", "failed", "cancelled")
 POLL_S = 0.2
 # The request names bench/locustfile.py reports under (not imported: importing locust monkey-patches
 # the whole process with gevent).
@@ -227,16 +228,6 @@ def _idle_workers(data_dir: Path) -> int:
     return int(row[0])
 
 
-def _wait_job(client: OpenAI, job_id: str, statuses: tuple[str, ...]) -> Any:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in statuses:
-            return job
-        time.sleep(0.5)
-    raise RuntimeError(f"job {job_id} not in {statuses} after {JOB_TIMEOUT_S:.0f} s")
-
-
 def _wait_until(predicate: Any, what: str, timeout_s: float = READY_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -261,7 +252,7 @@ def create_to_first_step(work: Path) -> float:
         # heavy): let it finish so it does not compete with the measured job.
         _wait_until(lambda: not service.group_running("ensure-bundled"), "the bundled model's registration")
         warm = _create_job(client, TINY_MODEL_ID, 12, {**TINY_QLORA, "max_steps": 1})
-        warm = _wait_job(client, warm.id, ("succeeded", "failed", "cancelled"))
+        warm = wait_for_job_status(client, warm.id, FINISHED, JOB_TIMEOUT_S, log_tail=service.log_tail)
         if warm.status != "succeeded":
             raise RuntimeError(f"warm-up job {warm.id} ended {warm.status}: {warm.error}\n{service.log_tail()}")
         _wait_until(lambda: _idle_workers(data_dir) >= 1, "an idle worker")
@@ -278,7 +269,7 @@ def create_to_first_step(work: Path) -> float:
             time.sleep(POLL_S)
         else:
             raise RuntimeError(f"no metrics event for {job.id} in {JOB_TIMEOUT_S:.0f} s:\n{service.log_tail()}")
-        job = _wait_job(client, job.id, ("succeeded", "failed", "cancelled"))
+        job = wait_for_job_status(client, job.id, FINISHED, JOB_TIMEOUT_S, log_tail=service.log_tail)
         print(f"[first-step] job {job.id}: first metrics event {seconds:.2f} s after create; ended {job.status}",
               flush=True)
         return seconds

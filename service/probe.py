@@ -1,4 +1,5 @@
-"""For whoever starts `qlora serve` as a child process and waits for it: a free port, readiness.
+"""For whoever starts `qlora serve` as a child process and waits for it: a free port, readiness,
+a job reaching a status.
 
 `make demo`, the end-to-end tests and the API latency benchmark all start the service the way a
 user does and must not talk to it before `GET /readyz` answers 200 (database reachable, migrated;
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import httpx
 
@@ -55,3 +57,36 @@ def wait_until_ready(
             pass
         time.sleep(interval_s)
     raise RuntimeError(f"{base_url} was not ready after {timeout_s:.0f} s:\n{log_tail()}")
+
+
+def wait_for_job_status(
+    client: Any,
+    job_id: str,
+    statuses: tuple[str, ...],
+    timeout_s: float,
+    log_tail: Callable[[], str] = lambda: "",
+    interval_s: float = 0.5,
+) -> Any:
+    """Poll a fine-tuning job through the `openai` SDK until its status is one of `statuses`.
+
+    Args:
+        client: an `openai.OpenAI` client pointed at the service.
+        job_id: the job to watch.
+        statuses: the statuses that end the wait, e.g. the finished ones.
+        timeout_s: how long to wait in all.
+        log_tail: what to show when it times out (the service's log, usually).
+        interval_s: pause between polls.
+
+    Returns:
+        The job object in one of `statuses`.
+
+    Raises:
+        RuntimeError: the job was not in one of `statuses` in time; the message carries `log_tail()`.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(interval_s)
+    raise RuntimeError(f"job {job_id} not in {statuses} after {timeout_s:.0f} s:\n{log_tail()}")

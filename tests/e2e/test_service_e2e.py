@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.probe import wait_for_job_status
 from tests.e2e.conftest import TINY_MODEL_ID, LiveService
 
 pytestmark = pytest.mark.slow
@@ -65,14 +66,7 @@ def _sse_events(live: LiveService, job_id: str, until_metrics: bool = False) -> 
 
 
 def _wait_finished(live: LiveService, job_id: str) -> Any:
-    client = live.client()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in FINISHED:
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish:\n{live.log_tail()}")
+    return wait_for_job_status(live.client(), job_id, FINISHED, JOB_TIMEOUT_S, log_tail=live.log_tail)
 
 
 def test_whole_job_from_upload_to_peft_adapter(live: LiveService, tmp_path: Path) -> None:
