@@ -46,12 +46,15 @@ _RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", 
 _SWIGLU_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype PEFT's LoRA matmuls run in: autocast's when it is on, else the adapter's."""
+def matmul_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: autocast's when it is on for x's device, else `fallback`.
+
+    (PEFT's LoRA branch falls back to the adapter's dtype; the loss's head to the hidden states'.)
+    """
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    return weight.dtype
+    return fallback
 
 
 class LoraBranch(torch.autograd.Function):
@@ -154,7 +157,7 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
             continue
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
         x_in = self.lora_dropout[name](x)
-        out = LoraBranch.apply(x_in, lora_a, lora_b, self.scaling[name], _compute_dtype(x, lora_a))
+        out = LoraBranch.apply(x_in, lora_a, lora_b, self.scaling[name], matmul_dtype(x, lora_a.dtype))
         result = result + out.to(result.dtype)
     return result
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from qlora_core.fused import matmul_dtype
+
 IGNORE_INDEX = -100
 # Supervised positions per chunk of the output projection (see Note: chunked cross-entropy).
 CE_CHUNK = 256
@@ -167,7 +169,7 @@ def _chunked_head_loss(head: torch.nn.Module, picked: torch.Tensor, gold: torch.
     """
     train = torch.is_grad_enabled() and picked.requires_grad
     if train and _frozen_plain_head(head):
-        dtype = torch.get_autocast_dtype(picked.device.type) if torch.is_autocast_enabled(picked.device.type) else picked.dtype
+        dtype = matmul_dtype(picked, picked.dtype)
         loss_sum, right = LinearCrossEntropy.apply(picked.to(dtype), head.weight.to(dtype), gold)
         return LossParts(loss_sum=loss_sum, n_correct=int(right), n_tokens=int(gold.numel()))
     loss_sum = picked.float().sum() * 0.0  # a zero in the graph, so a chunkless batch still backprops
