@@ -90,6 +90,65 @@ class LoraBranch(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None
 
 
+class LoraLinear(torch.autograd.Function):
+    """base(x) + (x @ A^T) @ (scaling * B)^T for a frozen base layer, as one autograd node.
+
+    # Note: one node per adapted projection. With PEFT the base layer (bitsandbytes' MatMul4Bit)
+    # and the LoRA branch are two nodes: forward adds their (M, N) outputs, and backward adds
+    # their two (M, K) input gradients; on a CPU each of those bf16 adds of a freshly allocated
+    # tensor costs as much as a small matmul. Here the LoRA update is accumulated into the base
+    # output by the second matmul itself (`addmm_`, beta=1), and the input gradient of the LoRA
+    # branch into the base's (g @ W, then `addmm_`). The sum is rounded once instead of twice,
+    # so training outputs are within one rounding of PEFT's, not bitwise; `_lora_forward` keeps
+    # PEFT's order without autograd (evaluation, generation), where a user compares logits.
+    # The base weight is dequantized again in backward, as bitsandbytes' own backward does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, base_layer: torch.nn.Module,
+                scaling: float, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        out = base_layer(x)  # (..., N), in x's dtype; the bitsandbytes kernel, no autograd here
+        xc = x.to(dtype)  # (..., K)
+        xa = xc @ weight_a.to(dtype).t()  # (..., r)
+        b_scaled = _scaled(weight_b, scaling, dtype)  # (N, r)
+        if out.dtype == dtype and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())
+        else:  # an fp32 residual stream under bf16 compute: add in the output's dtype
+            out = out + (xa @ b_scaled.t()).to(out.dtype)
+        ctx.save_for_backward(xc, xa, weight_a, weight_b)
+        ctx.base_layer, ctx.scaling, ctx.x_dtype = base_layer, scaling, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xc, xa, weight_a, weight_b = ctx.saved_tensors
+        dtype = xc.dtype
+        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (M, N)
+        xa2 = xa.reshape(-1, xa.shape[-1])  # (M, r)
+        grad_xa = g @ _scaled(weight_b, ctx.scaling, dtype)  # (M, r)
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = ((g.t() @ xa2).to(torch.float32) * ctx.scaling).to(weight_b.dtype)  # (N, r)
+        grad_a = (grad_xa.t() @ xc.reshape(-1, xc.shape[-1])).to(weight_a.dtype) if ctx.needs_input_grad[1] else None  # (r, K)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ dense_weight(ctx.base_layer, dtype)  # (M, K)
+            grad_x.addmm_(grad_xa, weight_a.to(dtype))
+            grad_x = grad_x.reshape(xc.shape).to(ctx.x_dtype)  # (..., K)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def dense_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen linear layer's (N, K) weight in `dtype`: dequantized when it is bitsandbytes 4-bit."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight.to(dtype)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
+
+
 def _scaled(weight_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """scaling * B in the compute dtype.
 
@@ -147,14 +206,18 @@ class SwiGLUFn(torch.autograd.Function):
 
 
 def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """PEFT LoRA `forward` (vanilla adapters), with the branch as one `LoraBranch`."""
+    """PEFT LoRA `forward` (vanilla adapters): one `LoraLinear` node when training one adapter."""
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not _lora_fusable(self):
         return self._unfused_forward(x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if (torch.is_grad_enabled() and len(active) == 1 and not args and not kwargs
+            and isinstance(self.lora_dropout[active[0]], torch.nn.Identity)):  # fmt: skip
+        name = active[0]
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
+        return LoraLinear.apply(x, lora_a, lora_b, self.base_layer, self.scaling[name], matmul_dtype(x, lora_a.dtype))
     result = self.base_layer(x, *args, **kwargs)  # bitsandbytes keeps no activation for it
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
+    for name in active:
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
         x_in = self.lora_dropout[name](x)
         out = LoraBranch.apply(x_in, lora_a, lora_b, self.scaling[name], matmul_dtype(x, lora_a.dtype))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_core.fused import LoraBranch, RMSNormFn, SwiGLUFn, apply_fused_layers
+from qlora_core.fused import LoraBranch, LoraLinear, RMSNormFn, SwiGLUFn, apply_fused_layers
 from qlora_core.models import add_lora, load_quantized_model
 
 # bf16 gradients of the same math summed in another order differ by a few bf16 ulps.
@@ -44,6 +44,50 @@ def test_lora_branch_matches_autograd(dtype: torch.dtype, scaling: float) -> Non
         # bf16 elements near zero can differ by one rounding of a much larger sum: scale atol.
         tol = GRAD_TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2 * float(want.abs().max()))
         torch.testing.assert_close(got, want, **tol)
+
+
+def _adapted_layer(model_dir: Path) -> torch.nn.Module:
+    """The first LoRA projection of a 4-bit tiny Llama, with a non-zero B so the adapter counts."""
+    model = add_lora(load_quantized_model(model_dir, device="cpu"), 8, 16, 0.0,
+                     gradient_checkpointing=False, fused_layers=True)  # fmt: skip
+    layer = next(m for m in model.modules() if hasattr(m, "_unfused_forward"))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(9))
+    return layer
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_lora_linear_matches_peft_within_one_rounding(tiny_model_dir: Path, autocast: bool) -> None:
+    """One node for base + LoRA: PEFT's output to one rounding of the sum, the same gradients."""
+    layer = _adapted_layer(tiny_model_dir)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x0 = torch.randn(2, 5, a.shape[1], generator=torch.Generator().manual_seed(10)).to(layer.base_layer.compute_dtype)
+    grad_out = None
+    results = []
+    for forward in (layer._unfused_forward,
+                    lambda x: LoraLinear.apply(x, a, b, layer.base_layer, layer.scaling["default"], torch.bfloat16 if autocast else a.dtype)):  # fmt: skip
+        a.grad = b.grad = None
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward(x)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(11)).to(out.dtype) if grad_out is None else grad_out
+        out.backward(grad_out)
+        results.append((out.detach(), x.grad, a.grad.clone(), b.grad.clone()))
+    (out_ref, *grads_ref), (out, *grads) = results
+    assert out.dtype == out_ref.dtype and out.shape == out_ref.shape
+    ulp = torch.finfo(out.dtype).eps * out_ref.float().abs().clamp_min(1.0)
+    assert ((out.float() - out_ref.float()).abs() <= 2 * ulp).all()  # one rounding of the sum apart
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=2e-2 * float(want.abs().max()))
+
+
+def test_lora_linear_keeps_peft_numerics_without_autograd(tiny_model_dir: Path) -> None:
+    """Evaluation and generation give bitwise the logits a user gets from the saved adapter."""
+    layer = _adapted_layer(tiny_model_dir)
+    x = torch.randn(2, 5, layer.lora_A["default"].weight.shape[1]).to(layer.base_layer.compute_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), layer._unfused_forward(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
