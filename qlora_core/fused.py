@@ -12,15 +12,19 @@ measured with `torch.autograd.graph.saved_tensors_hooks`), one block keeps ~29 K
   one input and the values equal the input's.
 - `LlamaRMSNorm` keeps its input upcast to fp32 (2.3 KB per norm per token).
 - `LlamaMLP` keeps silu(gate) beside gate and up (3 KB per token), though silu is one
-  elementwise op away from gate.
+  elementwise op away from gate, and the down projection keeps silu(gate) * up (3 KB), one more.
 
 The functions below keep only the input (shared with whatever else uses it) and what is costly
-to recompute, and redo the cheap elementwise parts in backward: ~20 KB per token per block, and
-none of the cast copies (~18 KB measured). Their forwards run the same ops in the same order as
-the modules they replace, so outputs are bitwise equal (tests/qlora_core/test_fused.py), except
-that LoRA's scaling multiplies B rather than the output (See Note: scaling folded into B; exact for
-power-of-two alpha/r, the default); backward is the same math, with sums in a different order. The idea is the one Unsloth's hand-written LoRA/MLP
-backward passes use; these are plain torch ops, so they run wherever the model runs (CPU, CUDA).
+to recompute, and redo the cheap elementwise parts in backward: 14.4 KB per token per block,
+measured, and none of the cast copies. Each adapted projection is one autograd node
+(`LoraLinear`, See Note: one node per adapted projection), and the MLP's product and down
+projection another (`SwiGLUDown`). Their forwards run the same ops in the same order as the
+modules they replace, except that LoRA's scaling multiplies B rather than the output (See Note:
+scaling folded into B; exact for power-of-two alpha/r, the default) and that the LoRA update is
+accumulated into the base output, one rounding instead of two (PEFT's own order is kept without
+autograd); backward is the same math, with sums in a different order
+(tests/qlora_core/test_fused.py). The idea is the one Unsloth's hand-written LoRA/MLP backward
+passes use; these are plain torch ops, so they run wherever the model runs (CPU, CUDA).
 
 `apply_fused_layers` swaps the `forward` of matching module instances (not classes, so other
 models in the process are untouched); a module in a state the fused path does not cover (merged
@@ -107,14 +111,7 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, base_layer: torch.nn.Module,
                 scaling: float, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-        out = base_layer(x)  # (..., N), in x's dtype; the bitsandbytes kernel, no autograd here
-        xc = x.to(dtype)  # (..., K)
-        xa = xc @ weight_a.to(dtype).t()  # (..., r)
-        b_scaled = _scaled(weight_b, scaling, dtype)  # (N, r)
-        if out.dtype == dtype and out.is_contiguous():
-            out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())
-        else:  # an fp32 residual stream under bf16 compute: add in the output's dtype
-            out = out + (xa @ b_scaled.t()).to(out.dtype)
+        out, xc, xa = _lora_linear(x, weight_a, weight_b, base_layer, scaling, dtype)
         ctx.save_for_backward(xc, xa, weight_a, weight_b)
         ctx.base_layer, ctx.scaling, ctx.x_dtype = base_layer, scaling, x.dtype
         return out
@@ -122,20 +119,73 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, xa, weight_a, weight_b = ctx.saved_tensors
-        dtype = xc.dtype
-        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (M, N)
-        xa2 = xa.reshape(-1, xa.shape[-1])  # (M, r)
-        grad_xa = g @ _scaled(weight_b, ctx.scaling, dtype)  # (M, r)
-        grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_b = ((g.t() @ xa2).to(torch.float32) * ctx.scaling).to(weight_b.dtype)  # (N, r)
-        grad_a = (grad_xa.t() @ xc.reshape(-1, xc.shape[-1])).to(weight_a.dtype) if ctx.needs_input_grad[1] else None  # (r, K)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ dense_weight(ctx.base_layer, dtype)  # (M, K)
-            grad_x.addmm_(grad_xa, weight_a.to(dtype))
-            grad_x = grad_x.reshape(xc.shape).to(ctx.x_dtype)  # (..., K)
-        return grad_x, grad_a, grad_b, None, None, None
+        grads = _lora_linear_backward(ctx, grad_out, xc, xa, weight_a, weight_b, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None)
+
+
+def _lora_linear(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, base_layer: torch.nn.Module,
+                 scaling: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """LoraLinear's forward: (output, x in the compute dtype, x @ A^T)."""
+    out = base_layer(x)  # (..., N), in x's dtype; the bitsandbytes kernel, no autograd here
+    xc = x.to(dtype)  # (..., K); no copy when x is already in the compute dtype
+    xa = xc @ weight_a.to(dtype).t()  # (..., r)
+    b_scaled = _scaled(weight_b, scaling, dtype)  # (N, r)
+    if out.dtype == dtype and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())
+    else:  # an fp32 residual stream under bf16 compute: add in the output's dtype
+        out = out + (xa @ b_scaled.t()).to(out.dtype)
+    return out, xc, xa
+
+
+def _lora_linear_backward(ctx: Any, grad_out: torch.Tensor, xc: torch.Tensor, xa: torch.Tensor, weight_a: torch.Tensor,
+                          weight_b: torch.Tensor, needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """Gradients of LoraLinear for (x, A, B); `ctx` carries base_layer, scaling and x_dtype."""
+    dtype = xc.dtype
+    g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (M, N)
+    xa2 = xa.reshape(-1, xa.shape[-1])  # (M, r)
+    grad_xa = g @ _scaled(weight_b, ctx.scaling, dtype)  # (M, r)
+    grad_b = ((g.t() @ xa2).to(torch.float32) * ctx.scaling).to(weight_b.dtype) if needs[2] else None  # (N, r)
+    grad_a = (grad_xa.t() @ xc.reshape(-1, xc.shape[-1])).to(weight_a.dtype) if needs[1] else None  # (r, K)
+    grad_x = None
+    if needs[0]:
+        grad_x = g @ dense_weight(ctx.base_layer, dtype)  # (M, K)
+        grad_x.addmm_(grad_xa, weight_a.to(dtype))
+        grad_x = grad_x.reshape(xc.shape).to(ctx.x_dtype)  # (..., K)
+    return grad_x, grad_a, grad_b
+
+
+class SwiGLUDown(torch.autograd.Function):
+    """down(silu(gate) * up) with a LoRA down projection, keeping gate and up but not their product.
+
+    # Note: the MLP product is recomputed. The (..., I) product is the down projection's input,
+    # and its LoRA needs it in backward (grad_A = grad_xa^T @ h); LoraLinear would keep it, 1/6 of
+    # a block's activations on SmolLM2. gate and up are kept anyway for silu's backward, so the
+    # product is one elementwise op away: backward remakes it instead. The forward runs
+    # SwiGLUFn's ops, then LoraLinear's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                base_layer: torch.nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        h = F.silu(gate) * up  # (..., I)
+        out, _, xa = _lora_linear(h, weight_a, weight_b, base_layer, scaling, dtype)
+        ctx.save_for_backward(gate, up, xa, weight_a, weight_b)
+        ctx.base_layer, ctx.scaling, ctx.x_dtype, ctx.dtype = base_layer, scaling, h.dtype, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gate, up, xa, weight_a, weight_b = ctx.saved_tensors
+        act = F.silu(gate)
+        h = act * up  # bitwise the forward's product
+        need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h, grad_a, grad_b = _lora_linear_backward(ctx, grad_out, h.to(ctx.dtype), xa, weight_a, weight_b,
+                                                       (need_h, *ctx.needs_input_grad[2:4]))  # fmt: skip
+        grad_gate = grad_up = None
+        if need_h:
+            grad_up = grad_h * act
+            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None
 
 
 def dense_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -210,19 +260,33 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not _lora_fusable(self):
         return self._unfused_forward(x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
-    active = [name for name in self.active_adapters if name in self.lora_A]
-    if (torch.is_grad_enabled() and len(active) == 1 and not args and not kwargs
-            and isinstance(self.lora_dropout[active[0]], torch.nn.Identity)):  # fmt: skip
-        name = active[0]
+    name = _single_plain_adapter(self)
+    if torch.is_grad_enabled() and name is not None and not args and not kwargs:
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
         return LoraLinear.apply(x, lora_a, lora_b, self.base_layer, self.scaling[name], matmul_dtype(x, lora_a.dtype))
     result = self.base_layer(x, *args, **kwargs)  # bitsandbytes keeps no activation for it
-    for name in active:
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
         x_in = self.lora_dropout[name](x)
         out = LoraBranch.apply(x_in, lora_a, lora_b, self.scaling[name], matmul_dtype(x, lora_a.dtype))
         result = result + out.to(result.dtype)
     return result
+
+
+def _single_plain_adapter(layer: Any) -> str | None:
+    """The adapter name when `layer` is a patched LoRA layer with one vanilla, dropout-free adapter on.
+
+    That is the state `LoraLinear` covers; anything else (no adapter, several, dropout, merged,
+    disabled, DoRA, LoRA bias) takes PEFT's path or `LoraBranch`.
+    """
+    if not hasattr(layer, "_unfused_forward") or layer.disable_adapters or layer.merged or not _lora_fusable(layer):
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or not isinstance(layer.lora_dropout[active[0]], torch.nn.Identity):
+        return None
+    return active[0]
 
 
 def _lora_fusable(layer: Any) -> bool:
@@ -238,7 +302,13 @@ def _rmsnorm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(SwiGLUFn.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    name = _single_plain_adapter(down) if torch.is_grad_enabled() else None
+    if name is not None:
+        lora_a, lora_b = down.lora_A[name].weight, down.lora_B[name].weight  # (r, I), (H, r)
+        return SwiGLUDown.apply(gate, up, lora_a, lora_b, down.base_layer, down.scaling[name], matmul_dtype(gate, lora_a.dtype))
+    return down(SwiGLUFn.apply(gate, up))
 
 
 def _is_silu(act: Any) -> bool:

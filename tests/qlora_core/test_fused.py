@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_core.fused import LoraBranch, LoraLinear, RMSNormFn, SwiGLUFn, apply_fused_layers
+from qlora_core.fused import LoraBranch, LoraLinear, RMSNormFn, SwiGLUDown, SwiGLUFn, apply_fused_layers
 from qlora_core.models import add_lora, load_quantized_model
 
 # bf16 gradients of the same math summed in another order differ by a few bf16 ulps.
@@ -46,11 +46,16 @@ def test_lora_branch_matches_autograd(dtype: torch.dtype, scaling: float) -> Non
         torch.testing.assert_close(got, want, **tol)
 
 
-def _adapted_layer(model_dir: Path) -> torch.nn.Module:
-    """The first LoRA projection of a 4-bit tiny Llama, with a non-zero B so the adapter counts."""
+def _adapted_layer(model_dir: Path, name: str = "q_proj") -> torch.nn.Module:
+    """The first LoRA `name` projection of a 4-bit tiny Llama in training mode, with a non-zero B.
+
+    (Training mode matters: in eval mode bitsandbytes repacks a CPU weight the first time it sees
+    an input without grad, and computes slightly differently after; training keeps the layout.)
+    """
     model = add_lora(load_quantized_model(model_dir, device="cpu"), 8, 16, 0.0,
                      gradient_checkpointing=False, fused_layers=True)  # fmt: skip
-    layer = next(m for m in model.modules() if hasattr(m, "_unfused_forward"))
+    model.train()
+    layer = next(m for n, m in model.named_modules() if n.endswith(name) and hasattr(m, "_unfused_forward"))
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(9))
     return layer
@@ -80,6 +85,26 @@ def test_lora_linear_matches_peft_within_one_rounding(tiny_model_dir: Path, auto
     for got, want in zip(grads, grads_ref):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=3e-2, atol=2e-2 * float(want.abs().max()))
+
+
+def test_swiglu_down_equals_the_two_nodes_it_replaces(tiny_model_dir: Path) -> None:
+    """Not keeping silu(gate) * up changes nothing but memory: outputs and gradients are bitwise equal."""
+    down = _adapted_layer(tiny_model_dir, "down_proj")
+    a, b = down.lora_A["default"].weight, down.lora_B["default"].weight  # (r, I), (H, r)
+    g = torch.Generator().manual_seed(12)
+    gate, up = (torch.randn(2, 5, a.shape[1], generator=g).to(torch.bfloat16) for _ in range(2))
+
+    def two_nodes(gate, up, a, b):
+        return LoraLinear.apply(SwiGLUFn.apply(gate, up), a, b, down.base_layer, 0.5, torch.bfloat16)
+
+    def one_node(gate, up, a, b):
+        return SwiGLUDown.apply(gate, up, a, b, down.base_layer, 0.5, torch.bfloat16)
+
+    out_ref, grads_ref = _grads(two_nodes, gate, up, a, b)
+    out, grads = _grads(one_node, gate, up, a, b)
+    assert torch.equal(out, out_ref)
+    for got, want in zip(grads, grads_ref):
+        assert torch.equal(got, want)
 
 
 def test_lora_linear_keeps_peft_numerics_without_autograd(tiny_model_dir: Path) -> None:
