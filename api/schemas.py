@@ -21,8 +21,6 @@ from service.db import Checkpoint, File, Job, JobEvent
 BASE_LEARNING_RATE = 2e-4
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
-FINISHED = ("succeeded", "failed", "cancelled")
-UNFINISHED = ("validating_files", "queued", "running")
 
 
 class ErrorDetail(BaseModel):

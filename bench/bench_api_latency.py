@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from openai import OpenAI
 
+from service.db import FINISHED_STATUSES
 from service.probe import free_port, wait_for_job_status, wait_until_ready
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -47,7 +48,6 @@ BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL_ID = "tiny-llama"
 READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 300.0
-FINISHED = ("succeeded", "failed", "cancelled")
 POLL_S = 0.2
 # The request names bench/locustfile.py reports under (not imported: importing locust monkey-patches
 # the whole process with gevent).
@@ -252,7 +252,7 @@ def create_to_first_step(work: Path) -> float:
         # heavy): let it finish so it does not compete with the measured job.
         _wait_until(lambda: not service.group_running("ensure-bundled"), "the bundled model's registration")
         warm = _create_job(client, TINY_MODEL_ID, 12, {**TINY_QLORA, "max_steps": 1})
-        warm = wait_for_job_status(client, warm.id, FINISHED, JOB_TIMEOUT_S, log_tail=service.log_tail)
+        warm = wait_for_job_status(client, warm.id, FINISHED_STATUSES, JOB_TIMEOUT_S, log_tail=service.log_tail)
         if warm.status != "succeeded":
             raise RuntimeError(f"warm-up job {warm.id} ended {warm.status}: {warm.error}\n{service.log_tail()}")
         _wait_until(lambda: _idle_workers(data_dir) >= 1, "an idle worker")
@@ -269,7 +269,7 @@ def create_to_first_step(work: Path) -> float:
             time.sleep(POLL_S)
         else:
             raise RuntimeError(f"no metrics event for {job.id} in {JOB_TIMEOUT_S:.0f} s:\n{service.log_tail()}")
-        job = wait_for_job_status(client, job.id, FINISHED, JOB_TIMEOUT_S, log_tail=service.log_tail)
+        job = wait_for_job_status(client, job.id, FINISHED_STATUSES, JOB_TIMEOUT_S, log_tail=service.log_tail)
         print(f"[first-step] job {job.id}: first metrics event {seconds:.2f} s after create; ended {job.status}",
               flush=True)
         return seconds

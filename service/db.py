@@ -97,6 +97,11 @@ class Model(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
+# A job's status, OpenAI's values: the ones a worker may still move, and the ones nothing changes.
+ACTIVE_STATUSES = ("validating_files", "queued", "running")
+FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+
+
 class Job(Base):
     __tablename__ = "jobs"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -20,12 +20,10 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, or_, select, update
 
-from service.db import Job, JobEvent
+from service.db import ACTIVE_STATUSES, Job, JobEvent
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATUSES = ("validating_files", "queued", "running")
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 _jobs = Job.__table__
 _events = JobEvent.__table__

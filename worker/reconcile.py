@@ -20,7 +20,8 @@ from sqlalchemy import Engine, and_, func, select, update
 
 from service.db import Job, Worker
 from service.settings import Settings
-from worker.lease import ACTIVE_STATUSES, lease_is_free
+from service.db import ACTIVE_STATUSES
+from worker.lease import lease_is_free
 
 log = logging.getLogger(__name__)
 

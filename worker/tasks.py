@@ -26,7 +26,8 @@ from service.settings import Settings, get_settings
 from worker.app import app
 from worker.errors import JobFailed
 from worker.events import add_event, event_values
-from worker.lease import ACTIVE_STATUSES, acquire, make_owner, release, transition
+from service.db import ACTIVE_STATUSES
+from worker.lease import acquire, make_owner, release, transition
 
 log = logging.getLogger(__name__)
 

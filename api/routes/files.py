@@ -19,10 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
 from api.routes.pagination import paginate
-from api.schemas import UNFINISHED, ErrorResponse, FileDeleted, FileList, FileObject
+from api.schemas import ErrorResponse, FileDeleted, FileList, FileObject
 from api.upload import receive_upload
 from qlora_core.validate import validate_jsonl
-from service.db import File, Job, new_id, now
+from service.db import ACTIVE_STATUSES, File, Job, new_id, now
 from service.storage import ArtifactMissing, FileSink, delete_file, file_path
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def delete(file_id: str, principal: PrincipalDep, session: SessionDep, settings:
     """Delete a file: the row is kept (jobs refer to it) and marked deleted; the bytes are removed."""
     f = get_file(session, principal.tenant_id, file_id)
     in_use = session.scalar(
-        select(Job.id).where(Job.tenant_id == principal.tenant_id, Job.status.in_(UNFINISHED),
+        select(Job.id).where(Job.tenant_id == principal.tenant_id, Job.status.in_(ACTIVE_STATUSES),
                              (Job.training_file == f.id) | (Job.validation_file == f.id)).limit(1))
     if in_use is not None:
         raise bad_request(f"File {file_id} is used by unfinished job {in_use}; cancel the job or wait for it to finish.",

@@ -23,10 +23,10 @@ from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
 from api.routes.jobs import get_job
 from api.routes.pagination import paginate
-from api.schemas import (FINISHED, CheckpointList, CheckpointObject, ErrorResponse, JobEventList,
+from api.schemas import (CheckpointList, CheckpointObject, ErrorResponse, JobEventList,
                          JobEventObject)
 from service.database import session_scope
-from service.db import Checkpoint, Job, JobEvent
+from service.db import FINISHED_STATUSES, Checkpoint, Job, JobEvent
 from service.storage import ArtifactMissing, UnsafePath, adapter_archive, resolve_under
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
@@ -59,7 +59,7 @@ def _event_rows_after(database_url: str, job_id: str, after_seq: int) -> tuple[l
         status = s.scalar(select(Job.status).where(Job.id == job_id))
         rows = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
                               .order_by(JobEvent.seq).limit(500)))
-        return [(e.seq, JobEventObject.from_row(e).model_dump()) for e in rows], status in FINISHED
+        return [(e.seq, JobEventObject.from_row(e).model_dump()) for e in rows], status in FINISHED_STATUSES
 
 
 async def _stream(request: Request, database_url: str, job_id: str, after_seq: int) -> AsyncIterator[str]:

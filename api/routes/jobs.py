@@ -22,9 +22,9 @@ from api.errors import APIError, bad_request, not_found
 from api.fitcheck import check_fit
 from api.jobspec import check_metadata, hyperparameters_param, resolve_config
 from api.routes.pagination import paginate
-from api.schemas import FINISHED, UNFINISHED, ErrorResponse, JobCreate, JobList, JobObject
+from api.schemas import ErrorResponse, JobCreate, JobList, JobObject
 from service import queue
-from service.db import File, Job, JobEvent, new_id, now
+from service.db import ACTIVE_STATUSES, FINISHED_STATUSES, File, Job, JobEvent, new_id, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
@@ -79,7 +79,7 @@ def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, sessi
     estimated = check_fit(session, settings, req.model, config, hyperparameters_param(req))
 
     unfinished = session.scalar(select(func.count()).select_from(Job).where(
-        Job.api_key_id == principal.key_id, Job.status.in_(UNFINISHED)))
+        Job.api_key_id == principal.key_id, Job.status.in_(ACTIVE_STATUSES)))
     if unfinished is not None and unfinished >= settings.max_concurrent_jobs:
         raise APIError(429, f"This API key already has {unfinished} unfinished job(s), the limit is "
                        f"{settings.max_concurrent_jobs}; wait for one to finish or cancel one.",
@@ -135,7 +135,7 @@ def cancel_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> Job
     job = get_job(session, principal.tenant_id, job_id)
     if job.status == "cancelled":
         return JobObject.from_row(job)
-    if job.status in FINISHED:
+    if job.status in FINISHED_STATUSES:
         raise bad_request(f"Job {job_id} has already {job.status} and cannot be cancelled.", param="fine_tuning_job_id",
                           code="job_not_cancellable")
     t = now()

@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
+from service.db import FINISHED_STATUSES
 from service.probe import wait_for_job_status
 from tests.e2e.conftest import TINY_MODEL_ID, LiveService
 
 pytestmark = pytest.mark.slow
 
 JOB_TIMEOUT_S = 300
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def _training_file(n: int) -> bytes:
@@ -66,7 +66,7 @@ def _sse_events(live: LiveService, job_id: str, until_metrics: bool = False) -> 
 
 
 def _wait_finished(live: LiveService, job_id: str) -> Any:
-    return wait_for_job_status(live.client(), job_id, FINISHED, JOB_TIMEOUT_S, log_tail=live.log_tail)
+    return wait_for_job_status(live.client(), job_id, FINISHED_STATUSES, JOB_TIMEOUT_S, log_tail=live.log_tail)
 
 
 def test_whole_job_from_upload_to_peft_adapter(live: LiveService, tmp_path: Path) -> None:

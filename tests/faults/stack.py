@@ -34,7 +34,6 @@ from tests.faults.services import ApiServer, ServerProcess, start_api_server
 
 TINY_MODEL_ID = "test/tiny-llama"
 JOB_TIMEOUT_S = 240.0
-FINISHED = ("succeeded", "failed", "cancelled")
 # Short periods so takeovers and re-sends happen within seconds (grace = max(2 * reconcile, 5) s).
 FAST_ENV = {"QLORA_HEARTBEAT_S": "1", "QLORA_LEASE_S": "6", "QLORA_RECONCILE_INTERVAL_S": "2",
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -220,16 +219,10 @@ class Stack:
 
     def wait_finished(self, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> Any:
         """The job as the SDK returns it once it is succeeded, failed or cancelled."""
-        client = self.client()
-        box: list[Any] = []
+        from service.db import FINISHED_STATUSES
+        from service.probe import wait_for_job_status
 
-        def done() -> bool:
-            job = client.fine_tuning.jobs.retrieve(job_id)
-            box[:] = [job]
-            return job.status in FINISHED
-
-        self.wait_until(f"{job_id} to finish", done, timeout_s, poll_s=0.5)
-        return box[0]
+        return wait_for_job_status(self.client(), job_id, FINISHED_STATUSES, timeout_s, log_tail=self.logs)
 
 
 def build_stack(mode: str, tiny_model_dir: Path, pg_url: str | None = None, redis: ServerProcess | None = None,
