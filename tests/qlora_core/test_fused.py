@@ -146,6 +146,11 @@ def _loss_and_grads(model_dir: Path, fused: bool, autocast: bool) -> tuple[torch
     model = add_lora(load_quantized_model(model_dir, device="cpu"), 8, 16, 0.0,
                      gradient_checkpointing=False, fused_layers=fused)  # fmt: skip
     model.train()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():  # a trained adapter (B starts at zero, which would make the sums trivial)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=g)
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(input_ids=ids, labels=ids, use_cache=False)
@@ -155,15 +160,21 @@ def _loss_and_grads(model_dir: Path, fused: bool, autocast: bool) -> tuple[torch
 
 @pytest.mark.parametrize("autocast", [True, False])
 def test_fused_model_gives_the_same_logits_and_gradients(tiny_model_dir: Path, autocast: bool) -> None:
-    """A user notices nothing but memory: logits bitwise equal, adapter gradients equal to bf16 rounding."""
+    """A user notices nothing but memory: logits, loss and adapter gradients agree to bf16 rounding.
+
+    (Each adapted projection rounds base + LoRA once instead of twice, so a trained adapter's
+    logits are not bitwise PEFT's in training; see test_lora_linear_* for the single layer.)
+    """
     logits_ref, loss_ref, grads_ref = _loss_and_grads(tiny_model_dir, fused=False, autocast=autocast)
     logits, loss, grads = _loss_and_grads(tiny_model_dir, fused=True, autocast=autocast)
-    assert torch.equal(logits, logits_ref)
-    assert torch.equal(loss, loss_ref)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, logits_ref, **tol)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-2 if autocast else 1e-6, atol=0)
     assert len(grads) == len(grads_ref) == 2 * 7 * 2
     for got, want in zip(grads, grads_ref):
         assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=3e-2, atol=1e-3 * float(want.abs().max()))
+        # the activations are bf16 either way: ~1 % apart in norm (bf16's eps is 0.8 %), measured
+        assert float((got - want).norm() / want.norm()) < 3e-2
 
 
 def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
