@@ -7,6 +7,7 @@ optimizer) on a 2-layer, 64-wide model so each run takes a second or two.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -190,6 +191,19 @@ def test_resume_equals_uninterrupted(tiny_model_dir, data_files, tmp_path, stop_
 
     assert [strip(m) for _, m in resumed_cb.metrics] == [strip(m) for s, m in straight.metrics if s > resumed_from]
     assert resumed.trained_tokens == reference.trained_tokens
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "float16"])
+def test_other_compute_dtypes_train(tiny_model_dir, data_files, tmp_path, compute_dtype):
+    """The fused layers in every compute dtype the API accepts (bf16 is the other tests' default)."""
+    train_file, _ = data_files
+    cb = Recorder()
+    config = _config(n_epochs=4, learning_rate=1e-2, compute_dtype=compute_dtype, checkpoint_fraction=0.5)
+    result = train(tiny_model_dir, train_file, tmp_path / "run", config, callback=cb)
+    assert result.status == "completed"
+    losses = [m["train_loss"] for _, m in cb.metrics]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.3, losses
 
 
 def test_resume_refuses_a_different_config(tiny_model_dir, data_files, tmp_path):
