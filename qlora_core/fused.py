@@ -74,24 +74,14 @@ class LoraBranch(torch.autograd.Function):
         xa = xc @ weight_a.to(dtype).t()  # (..., r)
         out = xa @ _scaled(weight_b, scaling, dtype).t()  # (..., N)
         ctx.save_for_backward(xc, xa, weight_a, weight_b)
-        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        ctx.base_layer, ctx.scaling, ctx.x_dtype = None, scaling, x.dtype  # no base: the branch alone
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, xa, weight_a, weight_b = ctx.saved_tensors
-        dtype = xc.dtype
-        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (M, N)
-        xa2 = xa.reshape(-1, xa.shape[-1])  # (M, r)
-        grad_xa = g @ _scaled(weight_b, ctx.scaling, dtype)  # (M, r)
-        grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_b = ((g.t() @ xa2).to(torch.float32) * ctx.scaling).to(weight_b.dtype)  # (N, r)
-        grad_a = (grad_xa.t() @ xc.reshape(-1, xc.shape[-1])).to(weight_a.dtype) if ctx.needs_input_grad[1] else None  # (r, K)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_xa @ weight_a.to(dtype)).reshape(xc.shape).to(ctx.x_dtype)  # (..., K)
-        return grad_x, grad_a, grad_b, None, None
+        grads = _lora_linear_backward(ctx, grad_out, xc, xa, weight_a, weight_b, ctx.needs_input_grad[:3])
+        return (*grads, None, None)
 
 
 class LoraLinear(torch.autograd.Function):
@@ -139,7 +129,10 @@ def _lora_linear(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor
 
 def _lora_linear_backward(ctx: Any, grad_out: torch.Tensor, xc: torch.Tensor, xa: torch.Tensor, weight_a: torch.Tensor,
                           weight_b: torch.Tensor, needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
-    """Gradients of LoraLinear for (x, A, B); `ctx` carries base_layer, scaling and x_dtype."""
+    """Gradients of LoraLinear (or LoraBranch, base_layer None) for (x, A, B).
+
+    `ctx` carries base_layer, scaling and x_dtype.
+    """
     dtype = xc.dtype
     g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (M, N)
     xa2 = xa.reshape(-1, xa.shape[-1])  # (M, r)
@@ -148,8 +141,10 @@ def _lora_linear_backward(ctx: Any, grad_out: torch.Tensor, xc: torch.Tensor, xa
     grad_a = (grad_xa.t() @ xc.reshape(-1, xc.shape[-1])).to(weight_a.dtype) if needs[1] else None  # (r, K)
     grad_x = None
     if needs[0]:
-        grad_x = g @ dense_weight(ctx.base_layer, dtype)  # (M, K)
-        grad_x.addmm_(grad_xa, weight_a.to(dtype))
+        if ctx.base_layer is None:
+            grad_x = grad_xa @ weight_a.to(dtype)  # (M, K)
+        else:
+            grad_x = (g @ dense_weight(ctx.base_layer, dtype)).addmm_(grad_xa, weight_a.to(dtype))  # (M, K)
         grad_x = grad_x.reshape(xc.shape).to(ctx.x_dtype)  # (..., K)
     return grad_x, grad_a, grad_b
 
@@ -260,7 +255,7 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not _lora_fusable(self):
         return self._unfused_forward(x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
-    name = _single_plain_adapter(self)
+    name = _the_one_adapter(self)
     if torch.is_grad_enabled() and name is not None and not args and not kwargs:
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
         return LoraLinear.apply(x, lora_a, lora_b, self.base_layer, self.scaling[name], matmul_dtype(x, lora_a.dtype))
@@ -283,6 +278,11 @@ def _single_plain_adapter(layer: Any) -> str | None:
     """
     if not hasattr(layer, "_unfused_forward") or layer.disable_adapters or layer.merged or not _lora_fusable(layer):
         return None
+    return _the_one_adapter(layer)
+
+
+def _the_one_adapter(layer: Any) -> str | None:
+    """`_single_plain_adapter` for a layer already known enabled, unmerged and vanilla."""
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1 or not isinstance(layer.lora_dropout[active[0]], torch.nn.Identity):
         return None

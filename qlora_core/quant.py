@@ -227,10 +227,10 @@ def estimate_training_memory(
       activations what autograd keeps per token per layer (q = heads*head_dim), with the
                   lean layers of qlora_core.fused (fused_layers, the default):
                   2 RMSNorms: their c-byte input                          2*c*h
-                  LoRA: the shared inputs of q/k/v, gate/up, down and
-                  the r-wide A outputs                                     c*(2h + i) + sum_targets c*r
+                  LoRA: the shared inputs of q/k/v and gate/up and the
+                  r-wide A outputs (o's input is SDPA's output)           2*c*h + sum_targets c*r
                   q, k, v after RoPE and the output kept by SDPA          c*(2q + 2kv)
-                  MLP: gate and up                                         2*i*c
+                  MLP: gate and up (down's input is remade in backward)   2*i*c
                   and with the stock modules (fused_layers=False):
                   2 RMSNorms: fp32 input and c-byte output each         2*(4h + c*h)
                   LoRA: PEFT casts each adapted layer's input to fp32
