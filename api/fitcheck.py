@@ -4,8 +4,9 @@ Before a job is queued the API predicts its peak training memory with
 `qlora_core.quant.estimate_training_memory` (the QLoRA paper's accounting, section 3: 4-bit base,
 16-bit embeddings, fp32 adapters with their gradients and optimizer state, activations and
 logits) from the base model's `config.json` and the job's resolved TrainConfig, records it in
-`Job.estimated_memory_bytes`, and compares it with the largest device among the *live* workers
-(rows in `workers` that heart-beat recently; workers write them, see worker/main.py). A job that
+`Job.estimated_memory_bytes`, and compares it with each *live* worker's device (rows in `workers`
+that heart-beat recently; workers write them, see worker/main.py), computing in the dtype that
+worker would really use: `compute_dtype: "auto"` is bf16 on one device and fp32 on another. A job that
 fits nowhere is refused at once with 400 `insufficient_device_memory` instead of failing with an
 out-of-memory error an hour later in the queue. With no live worker on record the job is accepted
 (the estimate is still recorded): a worker may start later, and it checks again.
@@ -88,12 +89,14 @@ def model_config_json(models_dir: Path, model_id: str) -> dict[str, Any] | None:
     return None
 
 
-def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any]) -> dict[str, int]:
+def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any], native_dtype: str | None = None) -> dict[str, int]:
     """Peak training memory of a job, by term (see `estimate_training_memory`).
 
     Args:
         config_json: the base model's config.json.
         cfg: the job's resolved `TrainConfig.to_dict()`.
+        native_dtype: what `compute_dtype: "auto"` becomes on the worker in question (its report);
+            None (unknown) counts as float32, the widest, so the estimate is never too small.
 
     Raises:
         ValueError: a config the estimator does not understand.
@@ -108,22 +111,28 @@ def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any]) -> dic
         fused_layers=bool(cfg.get("fused_layers", True)),
         double_quant=bool(cfg["double_quant"]),
         optimizer=str(cfg["optimizer"]),
-        compute_dtype=str(cfg["compute_dtype"]),
+        compute_dtype=job_compute_dtype(cfg, native_dtype),
         target_modules=cfg["target_modules"],
     )
 
 
-def largest_live_worker(session: Session, settings: Settings, at: int | None = None) -> Worker | None:
-    """The live worker with the most device memory, or None when none has reported.
+def job_compute_dtype(cfg: dict[str, Any], native_dtype: str | None) -> str:
+    """The dtype a job computes in on a worker whose native dtype is `native_dtype`."""
+    requested = str(cfg.get("compute_dtype", "auto"))
+    return (native_dtype or "float32") if requested == "auto" else requested
+
+
+def live_workers(session: Session, settings: Settings, at: int | None = None) -> list[Worker]:
+    """The live workers, most device memory first (empty when none has reported).
 
     Live means `alive` and heard from within max(3 heartbeats, the lease): the same rule the
     reconciler uses to mark workers dead (worker/reconcile.py).
     """
     t = int(time.time()) if at is None else at
     since = t - max(3 * settings.heartbeat_s, settings.lease_s)
-    return session.scalar(
+    return list(session.scalars(
         select(Worker).where(Worker.alive.is_(True), Worker.last_seen_at >= since)
-        .order_by(Worker.device_memory_bytes.desc(), func.length(Worker.id)).limit(1))
+        .order_by(Worker.device_memory_bytes.desc(), func.length(Worker.id))))  # fmt: skip
 
 
 def _gib(n: float) -> str:
@@ -164,15 +173,22 @@ def check_fit(session: Session, settings: Settings, model_id: str, cfg: dict[str
     config_json = model_config_json(settings.models_dir, model_id)
     if config_json is None:
         return None
+    workers = live_workers(session, settings)
+    estimates: dict[str, dict[str, int]] = {}  # by the dtype the job would compute in
     try:
-        est = estimate_job_memory(config_json, cfg)
+        # Each worker with the dtype it would really use (compute_dtype "auto" differs per device).
+        for w in workers or [None]:
+            dtype = job_compute_dtype(cfg, w.compute_dtype if w is not None else None)
+            if dtype not in estimates:
+                estimates[dtype] = estimate_job_memory(config_json, cfg, dtype)
+            if w is None or estimates[dtype]["total_bytes"] <= w.device_memory_bytes:
+                return estimates[dtype]["total_bytes"]
     except (KeyError, TypeError, ValueError) as e:  # an odd architecture: the worker will find out
         log.warning("no memory estimate for %s: %s", model_id, e)
         return None
+    worker = workers[0]
+    est = estimates[job_compute_dtype(cfg, worker.compute_dtype)]
     total = est["total_bytes"]
-    worker = largest_live_worker(session, settings)
-    if worker is None or total <= worker.device_memory_bytes:
-        return total
     trainable = est["lora_bytes"] + est["gradient_bytes"] + est["optimizer_bytes"]
     other = est["non_quantized_bytes"] + est["overhead_bytes"]
     raise APIError(
@@ -180,7 +196,8 @@ def check_fit(session: Session, settings: Settings, model_id: str, cfg: dict[str
         f"This job needs about {_gib(total)} (4-bit base {_gib(est['base_bytes'])}, activations "
         f"{_gib(est['activation_bytes'])}, logits {_gib(est['logits_bytes'])}, adapters with gradients and "
         f"optimizer state {_gib(trainable)}, embeddings and runtime {_gib(other)}); the largest worker device "
-        f"({worker.device}) has {_gib(worker.device_memory_bytes)}. Lower batch_size, max_seq_length or lora_r, "
+        f"({worker.device}, computing in {job_compute_dtype(cfg, worker.compute_dtype)}) has "
+        f"{_gib(worker.device_memory_bytes)}. Lower batch_size, max_seq_length or lora_r, "
         "or enable gradient_checkpointing.",
         param=_what_to_lower(est, cfg, hp_param),
         code="insufficient_device_memory",

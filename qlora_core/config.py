@@ -1,7 +1,8 @@
 """The training configuration: one flat, torch-free dataclass with the QLoRA paper's defaults.
 
 Defaults follow `artidoro/qlora` (`qlora.py`) and the paper: NF4 with double quantization,
-bf16 compute, LoRA r=64 / alpha=16 on all linear layers, paged AdamW 32-bit, lr 2e-4 constant
+bf16 compute where the device has it natively (`compute_dtype="auto"`, qlora_core/device.py),
+LoRA r=64 / alpha=16 on all linear layers, paged AdamW 32-bit, lr 2e-4 constant
 with 3% warmup, max_grad_norm 0.3, gradient checkpointing, loss on the target only.
 The API validates user input against the same ranges (`TrainConfig.validate`).
 """
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OVERLONG = ("truncate", "drop")
@@ -30,7 +31,9 @@ class TrainConfig:
     # quantization of the frozen base (paper section 3)
     quant_type: str = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    # "auto": bf16 where the device computes it natively, else fp16 (older CUDA) or fp32 (other
+    # CPUs), resolved where the job runs (See Note: emulated bf16 in qlora_core/device.py)
+    compute_dtype: str = "auto"
     # optimisation
     optimizer: str = "paged_adamw_32bit"
     learning_rate: float = 2e-4

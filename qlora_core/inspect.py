@@ -26,7 +26,7 @@ def inspect_model(
     batch_size: int = 1,
     lora_r: int = 64,
     gradient_checkpointing: bool = True,
-    compute_dtype: str = "bfloat16",
+    compute_dtype: str = "auto",
     optimizer: str = "paged_adamw_32bit",
 ) -> dict[str, Any]:
     """Load a model in 4-bit and report its measured footprint and a training-memory estimate.
@@ -39,7 +39,8 @@ def inspect_model(
         batch_size: Rows per micro-batch for the estimate.
         lora_r: LoRA rank for the estimate.
         gradient_checkpointing: Whether the estimate assumes recomputation in backward.
-        compute_dtype: Compute dtype of the 4-bit layers.
+        compute_dtype: Compute dtype of the 4-bit layers; "auto" (the default, as for jobs) is what
+            this machine's device runs natively (qlora_core.device), the dtype a worker here uses.
         optimizer: Optimizer name for the estimate.
 
     Returns:
@@ -52,6 +53,9 @@ def inspect_model(
         FileNotFoundError: If model_dir has no config.json.
         ValueError: On invalid sizes or quantization options.
     """
+    import torch
+
+    from qlora_core.device import resolve_compute_dtype
     from qlora_core.models import load_quantized_model
     from qlora_core.quant import bits_per_param, estimate_training_memory, measured_footprint
 
@@ -60,6 +64,8 @@ def inspect_model(
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {str(model_dir)!r}")
     config_json = json.loads(config_path.read_text())
+    choice = resolve_compute_dtype(compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = choice.dtype
     # Validate the estimate's inputs before paying for a model load.
     memory = estimate_training_memory(
         config_json,
@@ -93,6 +99,7 @@ def inspect_model(
         "quant_type": fp["quant_type"],
         "double_quant": fp["double_quant"],
         "compute_dtype": compute_dtype,
+        "compute_dtype_reason": choice.reason,
         "seq_len": seq_len,
         "batch_size": batch_size,
         "lora_r": lora_r,
@@ -120,6 +127,7 @@ def format_report(model_id: str, report: dict[str, Any]) -> str:
         f"n_quantized_params={report['n_quantized_params']} ({report['n_quantized_layers']} linear layers)",
         f"quant_type={report['quant_type']} double_quant={str(report['double_quant']).lower()}"
         f" compute_dtype={report['compute_dtype']}",
+        f"compute_dtype_reason={report['compute_dtype_reason']}",
         f"base_4bit_bytes={report['base_4bit_bytes']} ({_mib(report['base_4bit_bytes'])}: "
         f"codes {report['weight_bytes']}, scales {report['constant_bytes']}, lookup tables {report['table_bytes']})",
         f"other_bytes={report['other_bytes']} ({_mib(report['other_bytes'])} embeddings, norms, buffers)",

@@ -3,7 +3,7 @@
 Modelled on torchtune's single-device LoRA recipe: a flat `TrainConfig` drives it, helpers take flat
 arguments, and progress leaves through a small callback object (the worker turns it into job
 events). The method is the QLoRA paper's (Dettmers et al. 2023): a frozen NF4 base with double
-quantization, bf16 compute, LoRA on every linear layer, a paged AdamW, loss on the completion only.
+quantization, bf16 compute (where the device has it natively), LoRA on every linear layer, a paged AdamW, loss on the completion only.
 
 What makes it an engine rather than a script:
   * the loss and the vocabulary projection run only at supervised positions (`qlora_core.loss`);
@@ -34,6 +34,7 @@ import torch
 
 from qlora_core import checkpoint as ckpt
 from qlora_core.config import TrainConfig
+from qlora_core.device import resolve_compute_dtype
 from qlora_core.loss import causal_lm_loss, count_supervised, supports_supervised_logits
 from qlora_core.optim import build_optimizer, build_scheduler
 from qlora_core.plan import RunPlan, make_plan, valid_plan
@@ -210,6 +211,9 @@ def _run(
     # ---- setup --------------------------------------------------------------------------------
     seed_everything(config.seed)
     ckpt.remove_stale_temp_dirs(output_dir)
+    choice = resolve_compute_dtype(config.compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    cb.on_message("warn" if choice.emulated else "info", choice.reason)
+    compute_dtype = choice.dtype
     tokenizer = models.load_tokenizer(model_dir)
     train_examples, stats = data.tokenize_file(
         tokenizer, train_file, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
@@ -235,6 +239,10 @@ def _run(
     saved = ckpt.read_state(latest) if latest is not None else None
     if saved is not None:
         _check_resumable(saved["config"], config, latest)  # before the slow model load
+        if saved.get("compute_dtype", compute_dtype) != compute_dtype:  # resumed on another kind of device
+            cb.on_message("warn", f"the checkpoint was trained with compute_dtype {saved['compute_dtype']}; this "
+                                  f"device continues in {compute_dtype}, so the result is not bitwise what an "
+                                  "uninterrupted run would give")  # fmt: skip
     elif not resume and ckpt.list_checkpoints(output_dir):
         # Starting over: a previous run's checkpoints would otherwise mix with this run's.
         cb.on_message("info", f"resume=False: removing the previous run's checkpoints in {output_dir}")
@@ -244,12 +252,12 @@ def _run(
     if fraction is None and config.gradient_checkpointing:  # See Note: memory-neutral checkpointing
         model_config = json.loads((Path(model_dir) / "config.json").read_text())
         fraction = auto_checkpoint_fraction(
-            model_config, config.lora_r, config.compute_dtype, config.target_modules, config.fused_layers
+            model_config, config.lora_r, compute_dtype, config.target_modules, config.fused_layers
         )
         cb.on_message("info", f"checkpoint_fraction not set: checkpointing {fraction:.0%} of the decoder layers, "
                               "spending half the memory the chunked loss saves on the rest")  # fmt: skip
     model = models.load_quantized_model(
-        model_dir, quant_type=config.quant_type, double_quant=config.double_quant, compute_dtype=config.compute_dtype
+        model_dir, quant_type=config.quant_type, double_quant=config.double_quant, compute_dtype=compute_dtype
     )
     model = models.add_lora(
         model,
@@ -266,7 +274,7 @@ def _run(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optimizer, config.learning_rate, config.weight_decay, device, cb.on_message)
     scheduler, warmup_steps = build_scheduler(optimizer, config.lr_scheduler, plan.total_steps, config.warmup_ratio)
-    autocast = _autocast(device, models.resolve_dtype(config.compute_dtype))
+    autocast = _autocast(device, models.resolve_dtype(compute_dtype))
     if not supports_supervised_logits(model):
         cb.on_message("info", "model has no separable output head; computing full logits (slower)")
     pad_id = tokenizer.pad_token_id
@@ -295,6 +303,7 @@ def _run(
             "n_valid_examples": len(valid_examples),
             "stats": asdict(stats),
             "device": str(device),
+            "compute_dtype": compute_dtype,
             "resumed_from_step": state["step"] if latest is not None else None,
             "trainable_parameters": sum(p.numel() for p in params),
             "warmup_steps": warmup_steps,
@@ -362,7 +371,7 @@ def _run(
 
             # ---- checkpoint -----------------------------------------------------------------
             if step in plan.checkpoint_steps:
-                path = ckpt.save_checkpoint(model, output_dir, step, _checkpoint_state(state, optimizer, scheduler, config))
+                path = ckpt.save_checkpoint(model, output_dir, step, _checkpoint_state(state, optimizer, scheduler, config, compute_dtype))
                 cb.on_checkpoint(step, path, metrics)
 
     # ---- cleanup / final adapter ----------------------------------------------------------------
@@ -379,7 +388,8 @@ def _run(
 # on CPU the resumed adapter is bitwise equal to the uninterrupted one (tests/qlora_core/test_train.py).
 
 
-def _checkpoint_state(state: dict, optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig) -> dict:
+def _checkpoint_state(state: dict, optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig,
+                      compute_dtype: str) -> dict:
     return {
         **state,
         "history": list(state["history"]),
@@ -387,6 +397,7 @@ def _checkpoint_state(state: dict, optimizer: torch.optim.Optimizer, scheduler: 
         "scheduler": scheduler.state_dict(),
         "rng": ckpt.capture_rng_state(),
         "config": config.to_dict(),
+        "compute_dtype": compute_dtype,  # as resolved on this device (config may say "auto")
     }
 
 

@@ -50,6 +50,7 @@ def _cmd_models_inspect(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lora_r=args.lora_r,
         gradient_checkpointing=not args.no_gradient_checkpointing,
+        compute_dtype=args.compute_dtype,
     )
     print(format_report(args.id, report))
     return 0
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--batch-size", type=int, default=1)
     ins.add_argument("--lora-r", type=int, default=64)
     ins.add_argument("--no-gradient-checkpointing", action="store_true")
+    ins.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                     help="auto (default): what this machine's device runs natively, as a worker here would")
     ins.set_defaults(func=_cmd_models_inspect)
 
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded service")

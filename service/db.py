@@ -176,6 +176,8 @@ class Worker(Base):
     id: Mapped[str] = mapped_column(String(256), unique=True, index=True)  # celery hostname
     device: Mapped[str] = mapped_column(String(256))
     device_memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    # what `compute_dtype: "auto"` resolves to on this device (qlora_core.device); None: not reported
+    compute_dtype: Mapped[str | None] = mapped_column(String(16), nullable=True)
     started_at: Mapped[int] = mapped_column(BigInteger, default=now)
     last_seen_at: Mapped[int] = mapped_column(BigInteger, default=now)
     current_job: Mapped[str | None] = mapped_column(String(64), nullable=True)

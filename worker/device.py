@@ -1,4 +1,5 @@
-"""What a worker trains on and how much memory it has: the report recorded in its Worker row.
+"""What a worker trains on, how much memory it has and which compute dtype its device runs natively:
+the report recorded in its Worker row (the fit check reads it; qlora_core/device.py has the dtype rule).
 
 The probe imports torch and, on a GPU machine, calls CUDA (`torch.cuda.mem_get_info`). A worker's
 parent process forks its training children and must never touch CUDA itself ("Cannot
@@ -24,21 +25,30 @@ def device_report() -> dict[str, Any]:
 
     Returns:
         {"device": "cuda:0 (NVIDIA H100 80GB HBM3)" | "cpu (8 cores)", "memory_bytes": total bytes
-        of device memory (system RAM on CPU), "free_bytes": what is free now}.
+        of device memory (system RAM on CPU), "free_bytes": what is free now, "compute_dtype": what
+        `compute_dtype: "auto"` resolves to here (None without torch), "dtype_reason": why}.
     """
     import psutil
 
     try:
         import torch
 
+        from qlora_core.device import native_dtype
+
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info(0)
             name = torch.cuda.get_device_name(0)
-            return {"device": f"cuda:0 ({name})", "memory_bytes": int(total), "free_bytes": int(free)}
+            choice = native_dtype("cuda:0")
+            return {"device": f"cuda:0 ({name})", "memory_bytes": int(total), "free_bytes": int(free),
+                    "compute_dtype": choice.dtype, "dtype_reason": choice.reason}  # fmt: skip
+        choice = native_dtype("cpu")
+        dtype, reason = choice.dtype, choice.reason
     except ImportError:  # torch missing: a torch-free install can still report its RAM
         log.warning("torch is not installed; reporting system memory")
+        dtype, reason = None, "torch is not installed"
     vm = psutil.virtual_memory()
-    return {"device": f"cpu ({os.cpu_count()} cores)", "memory_bytes": int(vm.total), "free_bytes": int(vm.available)}
+    return {"device": f"cpu ({os.cpu_count()} cores)", "memory_bytes": int(vm.total), "free_bytes": int(vm.available),
+            "compute_dtype": dtype, "dtype_reason": reason}  # fmt: skip
 
 
 def probe_in_subprocess(timeout_s: float = 300.0, override_memory_bytes: int | None = None) -> dict[str, Any]:
@@ -64,7 +74,8 @@ def probe_in_subprocess(timeout_s: float = 300.0, override_memory_bytes: int | N
         log.warning("device probe failed (%s); reporting system memory", e)
         import psutil
 
-        report = {"device": "unknown", "memory_bytes": int(psutil.virtual_memory().total), "free_bytes": 0}
+        report = {"device": "unknown", "memory_bytes": int(psutil.virtual_memory().total), "free_bytes": 0,
+                  "compute_dtype": None, "dtype_reason": f"device probe failed: {e}"}  # fmt: skip
     if override_memory_bytes:
         report["memory_bytes"] = int(override_memory_bytes)
     return report

@@ -7,7 +7,7 @@ brokers (Redis, and kombu's `sqla+sqlite` transport); `solo` would run jobs in t
 and keep a CUDA context alive across jobs, so it is not used.
 
 Beside Celery, one daemon thread in the parent (the monitor) records this worker in the
-`workers` table (device and memory, probed in a subprocess: worker/device.py), refreshes
+`workers` table (device, memory and native compute dtype, probed in a subprocess: worker/device.py), refreshes
 `last_seen_at` every `heartbeat_s`, and runs the reconciler every `reconcile_interval_s`.
 """
 
@@ -34,10 +34,12 @@ def default_nodename() -> str:
     return f"qlora@{socket.gethostname()}"
 
 
-def register_worker(engine: Engine, nodename: str, device: str, memory_bytes: int) -> None:
-    """Insert or refresh this worker's row (alive, device, memory)."""
+def register_worker(engine: Engine, nodename: str, device: str, memory_bytes: int,
+                    compute_dtype: str | None = None) -> None:
+    """Insert or refresh this worker's row (alive, device, memory, native compute dtype)."""
     t = int(time.time())
-    values = {"device": device, "device_memory_bytes": memory_bytes, "last_seen_at": t, "alive": True}
+    values = {"device": device, "device_memory_bytes": memory_bytes, "compute_dtype": compute_dtype,
+              "last_seen_at": t, "alive": True}  # fmt: skip
     with engine.begin() as conn:
         if conn.execute(update(_workers).where(_workers.c.id == nodename).values(started_at=t, **values)).rowcount:
             return
@@ -63,11 +65,13 @@ class Monitor(threading.Thread):
         from worker.reconcile import reconcile_once
 
         report = probe_in_subprocess(override_memory_bytes=self.settings.device_memory_bytes)
-        log.info("worker %s: %s, %.1f GiB", self.nodename, report["device"], report["memory_bytes"] / 2**30)
+        log.info("worker %s: %s, %.1f GiB, compute_dtype auto = %s (%s)", self.nodename, report["device"],
+                 report["memory_bytes"] / 2**30, report.get("compute_dtype"), report.get("dtype_reason"))
         next_reconcile = 0.0
         while not self.stopping.is_set():
             try:
-                register_worker(self.engine, self.nodename, report["device"], report["memory_bytes"])
+                register_worker(self.engine, self.nodename, report["device"], report["memory_bytes"],
+                                report.get("compute_dtype"))
                 if time.monotonic() >= next_reconcile:
                     reconcile_once(self.engine, self.settings, self.nodename, self.concurrency, enqueue_job)
                     next_reconcile = time.monotonic() + self.settings.reconcile_interval_s

@@ -44,11 +44,12 @@ def train_file(client, alice) -> str:
     return upload(client, alice, jsonl(12)).json()["id"]
 
 
-def add_worker(settings, name: str, memory_bytes: int, seen_s_ago: int = 0, alive: bool = True) -> None:
+def add_worker(settings, name: str, memory_bytes: int, seen_s_ago: int = 0, alive: bool = True,
+               compute_dtype: str | None = None) -> None:
     t = int(time.time())
     with session_scope(settings.database_url) as s:
         s.add(Worker(id=name, device=f"cuda:0 ({name})", device_memory_bytes=memory_bytes, started_at=t - 3600,
-                     last_seen_at=t - seen_s_ago, alive=alive))
+                     last_seen_at=t - seen_s_ago, alive=alive, compute_dtype=compute_dtype))
 
 
 def create(client, tenant, model: str, training_file: str, batch_size: int = 8, **qlora):
@@ -111,3 +112,25 @@ def test_method_form_names_its_batch_size(client, alice, tiny, train_file, setti
         "method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 8}}}})
     err = assert_error(resp, 400, "insufficient_device_memory")
     assert err["param"].startswith(("method.supervised.hyperparameters.", "qlora.", "model"))
+
+
+def test_auto_dtype_is_estimated_as_each_worker_would_compute(client, alice, tiny, train_file, settings):
+    """compute_dtype "auto" is bf16 on one worker and fp32 on another: each is checked in its own."""
+    shape = dict(batch_size=32, max_seq_length=2048, gradient_checkpointing=False)
+    config_json = model_config_json(settings.models_dir, tiny)
+    cfg = create(client, alice, tiny, train_file, **shape).json()["qlora"]
+    assert cfg["compute_dtype"] == "auto"
+    bf16 = estimate_job_memory(config_json, cfg, "bfloat16")["total_bytes"]
+    fp32 = estimate_job_memory(config_json, cfg, "float32")["total_bytes"]
+    assert bf16 < fp32  # activations and logits are half the size
+    between = (bf16 + fp32) // 2
+    add_worker(settings, "fp32-cpu", between, compute_dtype="float32")
+    err = assert_error(create(client, alice, tiny, train_file, **shape), 400, "insufficient_device_memory")
+    assert "computing in float32" in err["message"]
+    add_worker(settings, "bf16-gpu", between, compute_dtype="bfloat16")
+    ok = create(client, alice, tiny, train_file, **shape)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["estimated_memory_bytes"] == bf16
+    # An explicit dtype is what every worker would use: float32 fits neither.
+    assert_error(create(client, alice, tiny, train_file, compute_dtype="float32", **shape), 400,
+                 "insufficient_device_memory")
