@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from service.lifetime import adopt_from_env
+
 
 def _cmd_models_import(args: argparse.Namespace) -> int:
     from qlora_core.store import ModelStore
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopt_from_env()  # started by `qlora serve` or the demo: die with it (See Note: owned children)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

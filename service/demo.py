@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from service.lifetime import owned_child_env
 from service.probe import free_port, wait_until_ready
 from service.settings import get_settings
 
@@ -131,7 +132,8 @@ def run_demo(steps: int | None = None, n_examples: int | None = None) -> int:
     print(f"Starting the service at {base_url} (data dir {settings.data_dir}; log {log_path}) ...", flush=True)
     with open(log_path, "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=owned_child_env(dict(os.environ)))
     try:
         wait_until_ready(base_url, {"qlora serve": server}, READY_TIMEOUT_S, log_tail=lambda: f"see {log_path}")
         key = (Path(settings.data_dir) / "dev_api_key").read_text().strip()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from service.lifetime import owned_child_env
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,11 @@ def _child_env() -> dict[str, str]:
 
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     """Start `qlora worker` in its own process group (so Ctrl-C reaches only this process,
-    which then stops the worker in order)."""
+    which then stops the worker in order); it dies with this process however this process dies
+    (See Note: owned children in service/lifetime.py)."""
     cmd = [sys.executable, "-m", "service.cli", "worker"]
     log.info("starting the worker: %s", " ".join(cmd))
-    return subprocess.Popen(cmd, env=_child_env(), start_new_session=True)
+    return subprocess.Popen(cmd, env=owned_child_env(_child_env()), start_new_session=True)
 
 
 def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = WORKER_STOP_GRACE_S) -> int:
@@ -113,7 +115,8 @@ def serve(host: str | None = None, port: int | None = None, with_worker: bool = 
     if with_worker:
         # Registering the bundled model imports transformers (and, the first time, dequantizes
         # a GGUF for ~15 s): done beside the API, never inside it.
-        bundled = subprocess.Popen([sys.executable, "-m", "service.cli", "models", "ensure-bundled"], env=_child_env())
+        bundled = subprocess.Popen([sys.executable, "-m", "service.cli", "models", "ensure-bundled"],
+                                   env=owned_child_env(_child_env()))
         worker = start_worker(settings)
 
     url = f"http://{host}:{port}"

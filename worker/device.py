@@ -17,6 +17,8 @@ import subprocess
 import sys
 from typing import Any
 
+from service.lifetime import adopt_from_env, owned_child_env
+
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +66,7 @@ def probe_in_subprocess(timeout_s: float = 300.0, override_memory_bytes: int | N
     try:
         out = subprocess.run(
             [sys.executable, "-m", "worker.device"],
+            env=owned_child_env(dict(os.environ)),
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -82,4 +85,5 @@ def probe_in_subprocess(timeout_s: float = 300.0, override_memory_bytes: int | N
 
 
 if __name__ == "__main__":
+    adopt_from_env()
     print(json.dumps(device_report()))
