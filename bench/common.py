@@ -166,19 +166,26 @@ def run_child(side: str, argv: list[str], result_json: Path, log_path: Path) -> 
     return ChildResult(side=side, result=result, peak_rss_mb=rusage.ru_maxrss / 1024.0, wall_s=wall)
 
 
-def load_reference_base(model_dir: Path) -> Any:
-    """Load the base model in 4-bit exactly as the QLoRA repository does (nf4, double quant, bf16)."""
+def load_reference_base(model_dir: Path, dtype: str = "bfloat16") -> Any:
+    """Load the base model in 4-bit exactly as the QLoRA repository does (nf4, double quant).
+
+    Args:
+        model_dir: the base model directory.
+        dtype: "bfloat16" (the repository's `--bf16` run) or "float32" (its run without
+            `--bf16`/`--fp16`: compute and every non-4-bit weight in fp32).
+    """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch_dtype,
         bnb_4bit_use_double_quant=True,
         bnb_4bit_quant_type="nf4",
     )
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": "cpu"}
+        model_dir, quantization_config=quant, dtype=torch_dtype, device_map={"": "cpu"}
     )
 
 
@@ -216,8 +223,9 @@ def completion_loss(model: Any, tokenizer: Any, chats: list[dict], max_len: int,
     return total / max(count, 1)
 
 
-def evaluate_adapters(model_dir: Path, adapter_dirs: dict[str, Path], eval_chats: list[dict], max_len: int) -> dict:
-    """Eval loss of the 4-bit base alone and with each adapter, measured the same way for all.
+def evaluate_adapters(model_dir: Path, adapter_dirs: dict[str, Path], eval_chats: list[dict], max_len: int,
+                      dtype: str = "bfloat16") -> dict:
+    """Eval loss of the 4-bit base alone and with each adapter, measured the same way for all (in `dtype`).
 
     The base is loaded once; each adapter is attached with `PeftModel.from_pretrained` (the
     contract's loading path) and removed again with `unload()` before the next one.
@@ -229,7 +237,7 @@ def evaluate_adapters(model_dir: Path, adapter_dirs: dict[str, Path], eval_chats
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = load_reference_base(model_dir)
+    base = load_reference_base(model_dir, dtype)
     losses = {"base": completion_loss(base, tokenizer, eval_chats, max_len)}
     for name, adapter in adapter_dirs.items():
         model = PeftModel.from_pretrained(base, str(adapter))
@@ -254,10 +262,11 @@ def _eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", required=True, help='JSON object {"name": "adapter dir", ...}')
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--result-json", required=True, type=Path)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     adapters = {name: Path(path) for name, path in json.loads(args.adapters).items()}
-    losses = evaluate_adapters(args.model_dir, adapters, read_jsonl(args.eval_file), args.max_len)
+    losses = evaluate_adapters(args.model_dir, adapters, read_jsonl(args.eval_file), args.max_len, args.dtype)
     args.result_json.write_text(json.dumps(losses, indent=2))
     logger.info("eval losses: %s", losses)
     return 0
@@ -265,3 +274,33 @@ def _eval_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_eval_main())
+
+
+# Switches that make an AVX512-BF16 host compute like an AVX2-only one (ATen's kernels, oneDNN's
+# matmuls, MKL): bf16 is then emulated, as there. fp32 matmuls may still be faster than on a real
+# AVX2 host (MKL on AMD CPUs does not always honour its cap), so figures made this way say so.
+AVX2_EMULATION_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def cpu_description() -> str:
+    """`lscpu`'s model name, the flags that decide the dtype, torch's kernel level and any cap."""
+    import platform
+
+    from qlora_core.device import cpu_flags, native_dtype
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
+    import torch
+
+    caps = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in AVX2_EMULATION_ENV]
+    return (f"{model}, {os.cpu_count()} cores, flags {'+'.join(shown) or 'none of avx2/avx512'}, torch kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}{' (' + ' '.join(caps) + ')' if caps else ''}; "
+            f"compute_dtype auto = {native_dtype('cpu').dtype}")  # fmt: skip

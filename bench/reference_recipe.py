@@ -30,15 +30,17 @@ from bench.common import IGNORE_INDEX, add_side_arguments, read_jsonl, tokenize_
 logger = logging.getLogger("bench.reference")
 
 
-def build_model(model_dir: Path, lora_r: int, lora_alpha: int, lora_dropout: float) -> torch.nn.Module:
-    """Load the 4-bit base and add LoRA exactly as `qlora.py`'s `get_accelerate_model` does (bf16 run)."""
+def build_model(model_dir: Path, lora_r: int, lora_alpha: int, lora_dropout: float,
+                dtype: str = "bfloat16") -> torch.nn.Module:
+    """Load the 4-bit base and add LoRA exactly as `qlora.py`'s `get_accelerate_model` does
+    (its `--bf16` run, or with `dtype="float32"` its run without `--bf16`/`--fp16`)."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from peft.tuners.lora import LoraLayer
 
     from bench.common import load_reference_base
 
-    model = load_reference_base(model_dir)
+    model = load_reference_base(model_dir, dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.gradient_checkpointing_enable()
     # find_all_linear_names: every Linear4bit's leaf name, minus lm_head.
@@ -53,9 +55,9 @@ def build_model(model_dir: Path, lora_r: int, lora_alpha: int, lora_dropout: flo
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    # The repository's post-hoc casts for a bf16 run.
+    # The repository's post-hoc casts (`if args.bf16` for the LoRA layers; an fp32 run keeps them fp32).
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer) and dtype == "bfloat16":
             module.to(torch.bfloat16)
         if "norm" in name:
             module.to(torch.float32)
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_arguments(parser)
     parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--lora-r", type=int, default=64)  # qlora.py's default; alpha stays 16
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="bfloat16: the repository's prescribed --bf16 run; float32: without --bf16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = build_model(args.model_dir, lora_r=64, lora_alpha=16, lora_dropout=0.0)
+    model = build_model(args.model_dir, lora_r=args.lora_r, lora_alpha=16, lora_dropout=0.0, dtype=args.dtype)
     features = []
     for chat in read_jsonl(args.train_file):
         ids, labels = tokenize_chat(tokenizer, chat["messages"], args.max_len)
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=0.0,
         max_grad_norm=0.3,
         optim="paged_adamw_32bit",
-        bf16=True,
+        bf16=args.dtype == "bfloat16",
         use_cpu=True,
         gradient_checkpointing=True,
         train_sampling_strategy="group_by_length",  # qlora.py: group_by_length=True

@@ -73,7 +73,7 @@ def load_for_inference(
     quantized: bool = True,
     quant_type: str = "nf4",
     double_quant: bool = True,
-    compute_dtype: str = "bfloat16",
+    compute_dtype: str = "auto",
 ):
     """Load a base model (4-bit as trained, or 16-bit) with an optional adapter, in eval mode.
 
@@ -81,7 +81,8 @@ def load_for_inference(
         model_dir: the base model dir.
         adapter_dir: optional adapter dir from a run (`output_dir/adapter` or a checkpoint).
         quantized: load the base as QLoRA trained it (4-bit); False loads it in `compute_dtype`.
-        quant_type, double_quant, compute_dtype: as in `TrainConfig` (match the training run).
+        quant_type, double_quant, compute_dtype: as in `TrainConfig`; "auto" is the device's native
+            dtype (qlora_core.device), as training chose it on this device.
 
     Returns:
         `(model, tokenizer)`.
@@ -90,6 +91,11 @@ def load_for_inference(
 
     from qlora_core.models import load_quantized_model, load_tokenizer, resolve_dtype
 
+    import torch
+
+    from qlora_core.device import resolve_compute_dtype
+
+    compute_dtype = resolve_compute_dtype(compute_dtype, "cuda" if torch.cuda.is_available() else "cpu").dtype
     tokenizer = load_tokenizer(model_dir)
     if quantized:
         model = load_quantized_model(

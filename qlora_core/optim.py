@@ -78,6 +78,41 @@ def build_optimizer(
     return optimizer
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> int:
+    """Load a checkpoint's optimizer state, keeping a paged optimizer's state in paged memory.
+
+    # Note: paged state after a resume. bitsandbytes allocates a paged optimizer's state (for
+    # parameters of 1e5 elements or more) with `cudaMallocManaged`, so the driver can evict it to
+    # host memory under pressure: that is what "paged" buys (QLoRA section 3). Its
+    # `load_state_dict` keeps the checkpoint's tensors where they were loaded (the CPU here) and
+    # its first step moves them to the GPU as ordinary device memory: a resumed run would silently
+    # stop paging. So the loaded values are copied into fresh paged buffers.
+
+    Args:
+        optimizer: the run's optimizer, built for the current parameters.
+        state_dict: what `optimizer.state_dict()` returned when the checkpoint was written.
+
+    Returns:
+        How many state tensors were moved into paged memory (0 for a non-paged optimizer or on CPU).
+    """
+    optimizer.load_state_dict(state_dict)
+    if not getattr(optimizer, "is_paged", False):
+        return 0
+    moved = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.device.type != "cuda" or p not in optimizer.state:
+                continue
+            for key, value in optimizer.state[p].items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and not getattr(value, "is_paged", False):
+                    buf = optimizer.get_state_buffer(p, dtype=value.dtype)
+                    if getattr(buf, "is_paged", False):
+                        buf.copy_(value)
+                        optimizer.state[p][key] = buf
+                        moved += 1
+    return moved
+
+
 def _probe(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
     """Run one zero-learning-rate step on a scratch copy so a missing kernel fails now, not at step 1."""
     if not params:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -161,4 +162,104 @@ def build_tiny_llama_dir(
     }
     (out / "qlora_model.json").write_text(json.dumps(manifest, indent=2) + "\n")
     logger.debug("built tiny llama at %s (%d params)", out, manifest["n_parameters"])
+    return out
+
+
+# Llama shapes for memory and speed checks with random weights (nothing downloaded). "7b" is
+# Llama-2-7B's (6,738,415,616 parameters); "tiny" is the same architecture at test size.
+LLAMA_SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=512, max_position_embeddings=4096),
+}  # fmt: skip
+
+
+def llama_shape_config(shape: str):
+    """A `LlamaConfig` of a named shape (see LLAMA_SHAPES), untied embeddings, bf16.
+
+    Raises:
+        ValueError: an unknown shape name.
+    """
+    from transformers import LlamaConfig
+
+    if shape not in LLAMA_SHAPES:
+        raise ValueError(f"shape must be one of {sorted(LLAMA_SHAPES)}, got {shape!r}")
+    tok = build_tiny_tokenizer()
+    return LlamaConfig(**LLAMA_SHAPES[shape], tie_word_embeddings=False, torch_dtype="bfloat16",
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def count_parameters(config) -> int:
+    """Parameters of a causal LM built from `config` on the meta device (no memory allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def build_llama_shape_dir(path: str | Path, shape: str = "7b", seed: int = 0, device: str = "cpu",
+                          shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write a Llama of a named shape with random weights as a store-like model directory.
+
+    The model is laid out on the meta device and each tensor is drawn on its own (N(0, 0.02), norms
+    at 1, as transformers initialises Llama), in bf16, on `device` (a GPU draws 6.7B numbers in
+    seconds), then written in shards of about `shard_bytes` with a safetensors index: peak host
+    memory is one shard, not the model. The tokenizer is the tiny ChatML one of this module (its
+    ids are a subset of any shape's vocabulary).
+
+    Args:
+        path: directory to create.
+        shape: a key of LLAMA_SHAPES.
+        seed: the same seed gives the same weights on the same device.
+        device: where the random numbers are drawn ("cpu" or "cuda").
+        shard_bytes: target size of one safetensors shard.
+
+    Returns:
+        The directory (config.json, model shards and index, tokenizer, qlora_model.json).
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config = llama_shape_config(shape)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        layout = AutoModelForCausalLM.from_config(config)
+    entries = [(name, tuple(p.shape)) for name, p in layout.state_dict().items()]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, shp in entries:
+        if "norm" in name:
+            t = torch.ones(shp, dtype=torch.bfloat16)
+        else:
+            t = torch.empty(shp, dtype=torch.bfloat16, device=device).normal_(0.0, 0.02, generator=gen).cpu()
+        nbytes = t.numel() * 2
+        if size and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * 2
+        shard.clear()  # one shard in memory at a time
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(out)
+    build_tiny_tokenizer().save_pretrained(out)
+    manifest = {"id": f"random-llama-{shape}", "architecture": "LlamaForCausalLM",
+                "n_parameters": sum(math.prod(s) for _, s in entries),
+                "source": "qlora_core.testing.build_llama_shape_dir",
+                "created_at": datetime.now(timezone.utc).isoformat()}  # fmt: skip
+    (out / "qlora_model.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out

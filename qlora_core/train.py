@@ -36,7 +36,7 @@ from qlora_core import checkpoint as ckpt
 from qlora_core.config import TrainConfig
 from qlora_core.device import resolve_compute_dtype
 from qlora_core.loss import causal_lm_loss, count_supervised, supports_supervised_logits
-from qlora_core.optim import build_optimizer, build_scheduler
+from qlora_core.optim import build_optimizer, build_scheduler, load_optimizer_state
 from qlora_core.plan import RunPlan, make_plan, valid_plan
 from qlora_core.quant import auto_checkpoint_fraction
 
@@ -288,7 +288,7 @@ def _run(
     state = {"step": 0, "epoch": 0, "group": 0, "trained_tokens": 0, "supervised_tokens": 0, "history": []}
     if saved is not None:
         ckpt.load_adapter_weights(model, latest)
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])  # See Note: paged state after a resume
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.restore_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
