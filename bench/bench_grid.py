@@ -72,7 +72,7 @@ LONG_GROUP = 4  # GSM8K problems per `long` example
 
 
 def _first_number_chat(chat: dict) -> dict:
-    """A short extraction example: the first 12 words of a question and the first number in them."""
+    """A short extraction example: the first 8 words of a question and the first number in them."""
     words = chat["messages"][0]["content"].split()[:12]
     clipped = " ".join(words)
     found = re.search(r"\d[\d,]*(?:\.\d+)?", clipped)

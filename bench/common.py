@@ -184,8 +184,9 @@ def load_reference_base(model_dir: Path, dtype: str = "bfloat16") -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_quant_type="nf4",
     )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quant, dtype=torch_dtype, device_map={"": "cpu"}
+        model_dir, quantization_config=quant, dtype=torch_dtype, device_map={"": device}
     )
 
 
@@ -209,7 +210,8 @@ def completion_loss(model: Any, tokenizer: Any, chats: list[dict], max_len: int,
                 ids[i, : len(x)] = torch.tensor(x)
                 labels[i, : len(y)] = torch.tensor(y)
                 mask[i, : len(x)] = 1
-            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            device = next(model.parameters()).device
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.cpu()  # (B, T, V)
             shift_logits = logits[:, :-1].float()  # (B, T-1, V)
             shift_labels = labels[:, 1:]  # (B, T-1)
             loss_sum = F.cross_entropy(
@@ -244,6 +246,17 @@ def evaluate_adapters(model_dir: Path, adapter_dirs: dict[str, Path], eval_chats
         losses[name] = completion_loss(model, tokenizer, eval_chats, max_len)
         base = model.unload()
     return losses
+
+
+def cuda_peak_memory() -> dict[str, float]:
+    """Peak CUDA memory of this process in MB (allocated by tensors, reserved by the caching
+    allocator), or {} without CUDA. Paged optimizer state (cudaMallocManaged) is in neither."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"cuda_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "cuda_peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}  # fmt: skip
 
 
 def median(values: list[float]) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import add_side_arguments  # noqa: E402
+from bench.common import add_side_arguments, cuda_peak_memory  # noqa: E402
 from qlora_core.config import TrainConfig  # noqa: E402
 from qlora_core.train import TrainingCallback, train  # noqa: E402
 
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "adapter_dir": str(result.adapter_dir),
         "overrides": overrides,
         "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "compute_dtype": timer.info.get("compute_dtype"),
+        **cuda_peak_memory(),
     }
     args.result_json.write_text(json.dumps(out, indent=2))
     logger.info("engine: load %.1fs train %.1fs steps %d losses %s", out["load_s"], out["train_s"], result.steps, timer.losses)

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from bench.common import IGNORE_INDEX, add_side_arguments, read_jsonl, tokenize_chat  # noqa: E402
+from bench.common import IGNORE_INDEX, add_side_arguments, cuda_peak_memory, read_jsonl, tokenize_chat  # noqa: E402
 
 logger = logging.getLogger("bench.reference")
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         max_grad_norm=0.3,
         optim="paged_adamw_32bit",
         bf16=args.dtype == "bfloat16",
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=True,
         train_sampling_strategy="group_by_length",  # qlora.py: group_by_length=True
         remove_unused_columns=False,
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_losses": losses,
         "adapter_dir": str(adapter_dir),
         "self_maxrss_mb": _self_maxrss_mb(),
+        **cuda_peak_memory(),
     }
     args.result_json.write_text(json.dumps(result, indent=2))
     logger.info("reference: load %.1fs train %.1fs steps %d losses %s", load_s, train_s, out.global_step, losses)
