@@ -62,7 +62,7 @@ def build_model(model_dir: Path, lora_r: int, lora_alpha: int, lora_dropout: flo
         if "norm" in name:
             module.to(torch.float32)
         if ("lm_head" in name or "embed_tokens" in name) and hasattr(module, "weight"):
-            if module.weight.dtype == torch.float32:
+            if dtype == "bfloat16" and module.weight.dtype == torch.float32:
                 module.to(torch.bfloat16)
     return model
 
