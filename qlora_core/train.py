@@ -3,7 +3,8 @@
 Modelled on torchtune's single-device LoRA recipe: a flat `TrainConfig` drives it, helpers take flat
 arguments, and progress leaves through a small callback object (the worker turns it into job
 events). The method is the QLoRA paper's (Dettmers et al. 2023): a frozen NF4 base with double
-quantization, bf16 compute (where the device has it natively), LoRA on every linear layer, a paged AdamW, loss on the completion only.
+quantization, bf16 compute (where the device has it natively), LoRA on every linear layer, a paged
+AdamW, loss on the completion only.
 
 What makes it an engine rather than a script:
   * the loss and the vocabulary projection run only at supervised positions (`qlora_core.loss`);
@@ -275,6 +276,11 @@ def _run(
     optimizer = build_optimizer(params, config.optimizer, config.learning_rate, config.weight_decay, device, cb.on_message)
     scheduler, warmup_steps = build_scheduler(optimizer, config.lr_scheduler, plan.total_steps, config.warmup_ratio)
     autocast = _autocast(device, models.resolve_dtype(compute_dtype))
+    # Note: fp16 loss scaling. fp16 (the choice on T4/V100-class GPUs) has 5 exponent bits, so small
+    # activation gradients underflow to zero; as in transformers' fp16 runs, the loss is scaled up
+    # before backward and the gradients (of the fp32 LoRA weights) unscaled before clipping, and a
+    # step whose gradients overflowed is skipped while the scale adapts. bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
     if not supports_supervised_logits(model):
         cb.on_message("info", "model has no separable output head; computing full logits (slower)")
     pad_id = tokenizer.pad_token_id
@@ -289,6 +295,8 @@ def _run(
     if saved is not None:
         ckpt.load_adapter_weights(model, latest)
         load_optimizer_state(optimizer, saved["optimizer"])  # See Note: paged state after a resume
+        if scaler.is_enabled() and saved.get("grad_scaler"):
+            scaler.load_state_dict(saved["grad_scaler"])
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.restore_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
@@ -336,14 +344,16 @@ def _run(
                 b = {k: v.to(device) for k, v in b.items()}
                 with autocast:
                     parts = causal_lm_loss(model, b)
-                (parts.loss_sum / max(n_sup, 1)).backward()
+                scaler.scale(parts.loss_sum / max(n_sup, 1)).backward()  # See Note: fp16 loss scaling
                 window["loss"] += float(parts.loss_sum.detach())
                 window["correct"] += parts.n_correct
                 window["tokens"] += parts.n_tokens
                 del parts
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -371,7 +381,7 @@ def _run(
 
             # ---- checkpoint -----------------------------------------------------------------
             if step in plan.checkpoint_steps:
-                path = ckpt.save_checkpoint(model, output_dir, step, _checkpoint_state(state, optimizer, scheduler, config, compute_dtype))
+                path = ckpt.save_checkpoint(model, output_dir, step, _checkpoint_state(state, optimizer, scheduler, config, compute_dtype, scaler))
                 cb.on_checkpoint(step, path, metrics)
 
     # ---- cleanup / final adapter ----------------------------------------------------------------
@@ -389,7 +399,7 @@ def _run(
 
 
 def _checkpoint_state(state: dict, optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig,
-                      compute_dtype: str) -> dict:
+                      compute_dtype: str, scaler: torch.amp.GradScaler) -> dict:
     return {
         **state,
         "history": list(state["history"]),
@@ -398,6 +408,7 @@ def _checkpoint_state(state: dict, optimizer: torch.optim.Optimizer, scheduler: 
         "rng": ckpt.capture_rng_state(),
         "config": config.to_dict(),
         "compute_dtype": compute_dtype,  # as resolved on this device (config may say "auto")
+        "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,  # See Note: fp16 loss scaling
     }
 
 

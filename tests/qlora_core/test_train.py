@@ -157,16 +157,17 @@ def test_checkpoints_one_per_epoch_atomic_and_listed(tiny_model_dir, data_files,
     assert latest_checkpoint(out) == result.checkpoints[-1][1]
 
 
-@pytest.mark.parametrize("stop_at", [3, 5])
-def test_resume_equals_uninterrupted(tiny_model_dir, data_files, tmp_path, stop_at):
+@pytest.mark.parametrize("stop_at,compute_dtype", [(3, "auto"), (5, "auto"), (3, "float16")])
+def test_resume_equals_uninterrupted(tiny_model_dir, data_files, tmp_path, stop_at, compute_dtype):
     """Stop at `stop_at`, resume from the latest checkpoint: the adapter is bitwise the same.
 
     Dropout on, cosine schedule with warmup, uneven accumulation groups (8 micro-batches in groups
-    of 3) and an epoch boundary at step 3, so RNG, scheduler, optimizer and data position all matter.
+    of 3) and an epoch boundary at step 3, so RNG, scheduler, optimizer and data position all matter;
+    in float16 the loss scaler's state too (See Note: fp16 loss scaling).
     """
     train_file, valid_file = data_files
     config = _config(n_epochs=2, batch_size=2, gradient_accumulation_steps=3, lora_dropout=0.1,
-                     checkpoint_steps=2, lr_scheduler="cosine", warmup_ratio=0.2)
+                     checkpoint_steps=2, lr_scheduler="cosine", warmup_ratio=0.2, compute_dtype=compute_dtype)
     straight = Recorder()
     reference = train(tiny_model_dir, train_file, tmp_path / "a", config, valid_file=valid_file, callback=straight)
     assert reference.total_steps == 6
@@ -175,6 +176,10 @@ def test_resume_equals_uninterrupted(tiny_model_dir, data_files, tmp_path, stop_
                     callback=Recorder(stop_at=stop_at))
     assert stopped.status == "stopped" and stopped.steps == stop_at
     assert not (tmp_path / "b" / "adapter").exists()
+    from qlora_core.checkpoint import read_state
+
+    scaler = read_state(latest_checkpoint(tmp_path / "b"))["grad_scaler"]
+    assert (scaler is not None and scaler["scale"] > 0) if compute_dtype == "float16" else scaler is None
     resumed_cb = Recorder()
     resumed = train(tiny_model_dir, train_file, tmp_path / "b", config, valid_file=valid_file, callback=resumed_cb)
     resumed_from = stop_at - stop_at % 2
