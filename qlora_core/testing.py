@@ -231,28 +231,29 @@ def build_llama_shape_dir(path: str | Path, shape: str = "7b", seed: int = 0, de
         layout = AutoModelForCausalLM.from_config(config)
     entries = [(name, tuple(p.shape)) for name, p in layout.state_dict().items()]
     gen = torch.Generator(device=device).manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:  # write the shard in hand: one shard in host memory at a time
+        nonlocal size
+        fname = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+        shard.clear()
+        size = 0
+
     for name, shp in entries:
         if "norm" in name:
             t = torch.ones(shp, dtype=torch.bfloat16)
         else:
             t = torch.empty(shp, dtype=torch.bfloat16, device=device).normal_(0.0, 0.02, generator=gen).cpu()
-        nbytes = t.numel() * 2
-        if size and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * 2
-        shard.clear()  # one shard in memory at a time
+        if size and size + t.numel() * 2 > shard_bytes:
+            flush()
+        shard[name] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+    flush()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(out)
