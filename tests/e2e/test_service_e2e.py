@@ -83,6 +83,9 @@ def test_whole_job_from_upload_to_peft_adapter(live: LiveService, tmp_path: Path
     assert [e["data"]["step"] for e in metrics] == [1, 2, 3, 4]
     assert all({"train_loss", "train_mean_token_accuracy"} <= set(e["data"]) for e in metrics)
     assert [e["message"] for e in events if e["type"] == "message"][-1] == "The job has successfully completed"
+    # The worker resolved the compute dtype on its device and said so (CONTRACT: a message containing compute_dtype).
+    dtype_notes = [e["message"] for e in events if e["type"] == "message" and "compute_dtype" in e["message"]]
+    assert len(dtype_notes) == 1 and dtype_notes[0].startswith("compute_dtype "), dtype_notes
 
     assert job.fine_tuned_model.startswith(f"ft:{TINY_MODEL_ID}:e2e:e2e:")
     assert job.trained_tokens > 0 and job.finished_at >= job.created_at
