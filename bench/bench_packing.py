@@ -46,8 +46,9 @@ def load_tokenizer():
     """The bundled SmolLM2 tokenizer if the store already holds it (never imports it here)."""
     try:
         from qlora_core.store import BUNDLED_MODEL_ID, ModelStore
+        from service.settings import get_settings
 
-        store = ModelStore.from_settings()
+        store = ModelStore(get_settings().models_dir)
         if store.has_model(BUNDLED_MODEL_ID):
             from transformers import AutoTokenizer
 

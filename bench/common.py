@@ -127,8 +127,10 @@ def resolve_model_dir(model_dir: str | None) -> Path:
         return Path(model_dir)
     from qlora_core.store import ModelStore
 
+    from service.settings import get_settings
+
     # The store's root comes from QLORA_DATA_DIR, as for every other `qlora` command.
-    info = ModelStore.from_settings().ensure_bundled()
+    info = ModelStore(get_settings().models_dir).ensure_bundled()
     return Path(info["path"])
 
 

@@ -111,13 +111,6 @@ class ModelStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
 
-    @classmethod
-    def from_settings(cls) -> "ModelStore":
-        """The store at the service's configured `models_dir`."""
-        from service.settings import get_settings  # lazy: keeps qlora_core free of service at import
-
-        return cls(get_settings().models_dir)
-
     # -- reading (torch-free, lock-free) ---------------------------------------------------------
 
     def _dir(self, model_id: str) -> Path:

@@ -14,8 +14,9 @@ from service.lifetime import adopt_from_env
 
 def _cmd_models_import(args: argparse.Namespace) -> int:
     from qlora_core.store import ModelStore
+    from service.settings import get_settings
 
-    store = ModelStore.from_settings()
+    store = ModelStore(get_settings().models_dir)
     info = store.import_model(args.path, args.id, overwrite=args.force)
     print(f"imported {info['id']} -> {info['path']}")
     return 0
@@ -23,8 +24,9 @@ def _cmd_models_import(args: argparse.Namespace) -> int:
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
     from qlora_core.store import ModelStore
+    from service.settings import get_settings
 
-    store = ModelStore.from_settings()
+    store = ModelStore(get_settings().models_dir)
     for info in store.list_models():
         print(f"{info['id']}\t{info.get('n_parameters', '?')} params\t{info['path']}")
     return 0
@@ -32,8 +34,9 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 
 def _cmd_models_ensure_bundled(args: argparse.Namespace) -> int:
     from qlora_core.store import ModelStore
+    from service.settings import get_settings
 
-    store = ModelStore.from_settings()
+    store = ModelStore(get_settings().models_dir)
     info = store.ensure_bundled()
     print(f"bundled model ready: {info['id']} -> {info['path']}")
     return 0
@@ -42,8 +45,9 @@ def _cmd_models_ensure_bundled(args: argparse.Namespace) -> int:
 def _cmd_models_inspect(args: argparse.Namespace) -> int:
     from qlora_core.inspect import format_report, inspect_model
     from qlora_core.store import ModelStore
+    from service.settings import get_settings
 
-    store = ModelStore.from_settings()
+    store = ModelStore(get_settings().models_dir)
     report = inspect_model(
         store.model_path(args.id),
         double_quant=not args.no_double_quant,

@@ -97,7 +97,7 @@ def compare_answers(adapter_dir: Path, questions: list[dict[str, Any]]) -> None:
     from qlora_core.generate import generate
     from qlora_core.store import ModelStore
 
-    model_dir = ModelStore.from_settings().model_path(BUNDLED_MODEL_ID)
+    model_dir = ModelStore(get_settings().models_dir).model_path(BUNDLED_MODEL_ID)
     model, tokenizer = load_for_inference(model_dir, adapter_dir)
     prompts = [ex["messages"][:2] for ex in questions]
     with model.disable_adapter():

@@ -59,7 +59,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     from worker.validation import file_path
 
     try:
-        model_dir = ModelStore.from_settings().model_path(job.model)
+        model_dir = ModelStore(settings.models_dir).model_path(job.model)
     except KeyError:
         raise JobFailed("model_not_found", f"Model {job.model} is not in the model store", "model") from None
     train_file = file_path(engine, settings, job.training_file, job.tenant_id, "training_file")

@@ -85,7 +85,7 @@ def validate_job_files(engine: Engine, settings: Settings, job: Any, emit: Calla
     from qlora_core.store import ModelStore
 
     try:
-        model_dir = ModelStore.from_settings().model_path(job.model)
+        model_dir = ModelStore(settings.models_dir).model_path(job.model)
     except KeyError:
         raise JobFailed("model_not_found", f"Model {job.model} is not in the model store", "model") from None
     tokenizer = load_tokenizer(model_dir)
