@@ -178,16 +178,18 @@ def check_fit(session: Session, settings: Settings, model_id: str, cfg: dict[str
     try:
         # Each worker with the dtype it would really use (compute_dtype "auto" differs per device).
         for w in workers or [None]:
-            dtype = job_compute_dtype(cfg, w.compute_dtype if w is not None else None)
+            native = w.compute_dtype if w is not None else None
+            dtype = job_compute_dtype(cfg, native)
             if dtype not in estimates:
-                estimates[dtype] = estimate_job_memory(config_json, cfg, dtype)
+                estimates[dtype] = estimate_job_memory(config_json, cfg, native)
             if w is None or estimates[dtype]["total_bytes"] <= w.device_memory_bytes:
                 return estimates[dtype]["total_bytes"]
     except (KeyError, TypeError, ValueError) as e:  # an odd architecture: the worker will find out
         log.warning("no memory estimate for %s: %s", model_id, e)
         return None
     worker = workers[0]
-    est = estimates[job_compute_dtype(cfg, worker.compute_dtype)]
+    dtype = job_compute_dtype(cfg, worker.compute_dtype)
+    est = estimates[dtype]
     total = est["total_bytes"]
     trainable = est["lora_bytes"] + est["gradient_bytes"] + est["optimizer_bytes"]
     other = est["non_quantized_bytes"] + est["overhead_bytes"]
@@ -196,7 +198,7 @@ def check_fit(session: Session, settings: Settings, model_id: str, cfg: dict[str
         f"This job needs about {_gib(total)} (4-bit base {_gib(est['base_bytes'])}, activations "
         f"{_gib(est['activation_bytes'])}, logits {_gib(est['logits_bytes'])}, adapters with gradients and "
         f"optimizer state {_gib(trainable)}, embeddings and runtime {_gib(other)}); the largest worker device "
-        f"({worker.device}, computing in {job_compute_dtype(cfg, worker.compute_dtype)}) has "
+        f"({worker.device}, computing in {dtype}) has "
         f"{_gib(worker.device_memory_bytes)}. Lower batch_size, max_seq_length or lora_r, "
         "or enable gradient_checkpointing.",
         param=_what_to_lower(est, cfg, hp_param),

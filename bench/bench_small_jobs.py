@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python bench/<this file>`
 
-from bench.bench_api_latency import BUNDLED_MODEL_ID, Service, _bin, _service_env  # noqa: E402
+from bench.bench_api_latency import BUNDLED_MODEL_ID, Service, _bin, _idle_workers, _service_env, _wait_until  # noqa: E402
 from bench.bench_grid import SHAPES, shape_data  # noqa: E402
 from bench.common import AVX2_EMULATION_ENV, REPO_ROOT, cpu_description, resolve_model_dir  # noqa: E402
 
@@ -48,11 +48,7 @@ def small_job(work: Path, bundled: Path) -> tuple[float, float]:
     service = Service(data_dir, with_worker=True)
     try:
         client = service.wait_ready()
-        deadline = time.monotonic() + 300
-        while not (data_dir / "qlora.db").exists() or not _worker_reported(data_dir):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no worker reported:\n{service.log_tail()}")
-            time.sleep(0.2)
+        _wait_until(lambda: _idle_workers(data_dir) >= 1, "the worker's first report", 300)
         train, _ = shape_data(SHAPES["short"])
         body = "".join(json.dumps(row) + "\n" for row in train[:24]).encode()
         upload = client.files.create(file=("short.jsonl", io.BytesIO(body)), purpose="fine-tune")
@@ -79,16 +75,6 @@ def small_job(work: Path, bundled: Path) -> tuple[float, float]:
         return float(first or total), total
     finally:
         service.stop()
-
-
-def _worker_reported(data_dir: Path) -> bool:
-    import sqlite3
-
-    try:
-        with sqlite3.connect(f"file:{data_dir / 'qlora.db'}?mode=ro", uri=True, timeout=5) as conn:
-            return bool(conn.execute("SELECT count(*) FROM workers WHERE alive").fetchone()[0])
-    except sqlite3.Error:
-        return False
 
 
 def demo(work: Path, bundled: Path) -> float:

@@ -95,6 +95,13 @@ def cpu_bf16_native(flags: set[str] | None = None, aten_capability: str | None =
     return True, f"the CPU has {'+'.join(have)}"
 
 
+def default_device() -> str:
+    """Where a run computes when nobody says: "cuda" when a GPU is visible, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def native_dtype(device: str = "cpu") -> DtypeChoice:
     """The fastest 16-bit-or-wider dtype `device` computes natively ("auto"'s answer).
 

@@ -91,11 +91,9 @@ def load_for_inference(
 
     from qlora_core.models import load_quantized_model, load_tokenizer, resolve_dtype
 
-    import torch
+    from qlora_core.device import default_device, resolve_compute_dtype
 
-    from qlora_core.device import resolve_compute_dtype
-
-    compute_dtype = resolve_compute_dtype(compute_dtype, "cuda" if torch.cuda.is_available() else "cpu").dtype
+    compute_dtype = resolve_compute_dtype(compute_dtype, default_device()).dtype
     tokenizer = load_tokenizer(model_dir)
     if quantized:
         model = load_quantized_model(

@@ -53,9 +53,7 @@ def inspect_model(
         FileNotFoundError: If model_dir has no config.json.
         ValueError: On invalid sizes or quantization options.
     """
-    import torch
-
-    from qlora_core.device import resolve_compute_dtype
+    from qlora_core.device import default_device, resolve_compute_dtype
     from qlora_core.models import load_quantized_model
     from qlora_core.quant import bits_per_param, estimate_training_memory, measured_footprint
 
@@ -64,7 +62,7 @@ def inspect_model(
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {str(model_dir)!r}")
     config_json = json.loads(config_path.read_text())
-    choice = resolve_compute_dtype(compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    choice = resolve_compute_dtype(compute_dtype, default_device())
     compute_dtype = choice.dtype
     # Validate the estimate's inputs before paying for a model load.
     memory = estimate_training_memory(

@@ -35,7 +35,7 @@ import torch
 
 from qlora_core import checkpoint as ckpt
 from qlora_core.config import TrainConfig
-from qlora_core.device import resolve_compute_dtype
+from qlora_core.device import default_device, resolve_compute_dtype
 from qlora_core.loss import causal_lm_loss, count_supervised, supports_supervised_logits
 from qlora_core.optim import build_optimizer, build_scheduler, load_optimizer_state
 from qlora_core.plan import RunPlan, make_plan, valid_plan
@@ -212,7 +212,7 @@ def _run(
     # ---- setup --------------------------------------------------------------------------------
     seed_everything(config.seed)
     ckpt.remove_stale_temp_dirs(output_dir)
-    choice = resolve_compute_dtype(config.compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    choice = resolve_compute_dtype(config.compute_dtype, default_device())
     cb.on_message("warn" if choice.emulated else "info", choice.reason)
     compute_dtype = choice.dtype
     tokenizer = models.load_tokenizer(model_dir)

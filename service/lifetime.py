@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def watch_parent(parent_pid: int, sig: int = signal.SIGKILL, poll_s: float = 0.5
 
     def run() -> None:
         while os.getppid() == parent_pid:
-            threading.Event().wait(poll_s)
+            time.sleep(poll_s)
         log.warning("parent %d is gone; exiting with it", parent_pid)
         _die(sig)
 
