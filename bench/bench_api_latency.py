@@ -41,6 +41,7 @@ from openai import OpenAI
 
 from service.db import FINISHED_STATUSES
 from service.probe import free_port, wait_for_job_status, wait_until_ready
+from service.lifetime import adopt_from_env, owned_child_env
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -94,7 +95,7 @@ class Service:
             argv.append("--no-worker")
         data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, env=owned_child_env(self.env), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_ready(self) -> OpenAI:
@@ -278,6 +279,7 @@ def create_to_first_step(work: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=50, help="concurrent locust users")
     parser.add_argument("--duration", type=int, default=20, help="seconds of load")

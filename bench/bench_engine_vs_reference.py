@@ -33,6 +33,7 @@ from bench.common import (  # noqa: E402
     run_child,
     write_jsonl,
 )
+from service.lifetime import adopt_from_env  # noqa: E402
 
 SIDES = ("reference", "engine")
 
@@ -57,6 +58,7 @@ def side_argv(side: str, args: argparse.Namespace, model_dir: Path, train_file: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=32)

@@ -48,6 +48,7 @@ from bench.common import (  # noqa: E402
     run_child,
     write_jsonl,
 )
+from service.lifetime import adopt_from_env  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def side_argv(side: str, shape: Shape, r: int, dtype: str | None, model_dir: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{speedup:.2f} | {ref.result['train_cpu_s']:.1f} | {ours.result['train_cpu_s']:.1f} | "
                       f"{ref.peak_rss_mb:.0f} | {ours.peak_rss_mb:.0f} | {rss:.2f} | {le_ref:.4f} | {le_ours:.4f} | "
                       f"{delta:.1f}% |")  # fmt: skip
-        print(f"(eval loss of the 4-bit base without adapter: " + ", ".join(
+        print("(eval loss of the 4-bit base without adapter: " + ", ".join(
             f"{s.name} {losses[s.name]['base']:.4f}" for s in shapes) + ")")
         worst[table] = w
     (work / "summary.json").write_text(json.dumps({"cpu": cpu, "losses": losses, "worst": worst, "runs": {

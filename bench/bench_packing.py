@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from qlora_core.data import batch_stats, collate, plan_batches, tokenize_file  # noqa: E402
 from service.demo import gsm8k_path  # noqa: E402
+from service.lifetime import adopt_from_env  # noqa: E402
 
 logger = logging.getLogger("bench_packing")
 
@@ -85,6 +86,7 @@ def fold(batch: dict[str, torch.Tensor], vocab: int, device: torch.device) -> di
 
 
 def main() -> None:
+    adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-examples", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=4)

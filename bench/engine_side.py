@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.common import add_side_arguments, cuda_peak_memory  # noqa: E402
 from qlora_core.config import TrainConfig  # noqa: E402
 from qlora_core.train import TrainingCallback, train  # noqa: E402
+from service.lifetime import adopt_from_env  # noqa: E402
 
 logger = logging.getLogger("bench.engine")
 
@@ -74,6 +75,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_arguments(parser)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override")

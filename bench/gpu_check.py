@@ -17,7 +17,6 @@ runs the same pipeline at test size without a GPU (tests/bench/test_gpu_check.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python bench/<this file>`
 
 from bench.common import BENCH_DIR, REPO_ROOT, load_gsm8k_chats, run_child, tokenize_chat, write_jsonl  # noqa: E402
+from service.lifetime import adopt_from_env  # noqa: E402
 
 PAPER_7B_BASE_MB = 5048  # QLoRA paper, 7B: 4-bit base
 PAPER_7B_LORA_MB = 26
@@ -107,6 +107,7 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     args = build_parser().parse_args(argv)
     import torch
 

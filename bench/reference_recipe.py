@@ -26,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from bench.common import IGNORE_INDEX, add_side_arguments, cuda_peak_memory, read_jsonl, tokenize_chat  # noqa: E402
+from service.lifetime import adopt_from_env  # noqa: E402
 
 logger = logging.getLogger("bench.reference")
 
@@ -68,6 +69,7 @@ def build_model(model_dir: Path, lora_r: int, lora_alpha: int, lora_dropout: flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_arguments(parser)
     parser.add_argument("--steps", type=int, required=True)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from service.lifetime import owned_child_env
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -37,7 +38,7 @@ def run_one(script: Path) -> tuple[int, str | None, float]:
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         cwd=REPO_ROOT,
-        env=env,
+        env=owned_child_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
