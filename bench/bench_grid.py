@@ -104,8 +104,8 @@ def shape_data(shape: Shape) -> tuple[list[dict], list[dict]]:
 
 
 def side_argv(side: str, shape: Shape, r: int, dtype: str | None, model_dir: Path, train_file: Path,
-              run_dir: Path, seed: int) -> list[str]:
-    """One run's command line. `dtype` None: the side's own default."""
+              run_dir: Path, seed: int, ours_set: list[str] = ()) -> list[str]:
+    """One run's command line. `dtype` None: the side's own default; `ours_set`: FIELD=VALUE for our side."""
     shared = ["--model-dir", str(model_dir), "--train-file", str(train_file), "--output-dir", str(run_dir),
               "--result-json", str(run_dir / "result.json"), "--batch-size", str(shape.batch_size),
               "--grad-accum", str(shape.grad_accum), "--max-len", str(shape.max_len), "--seed", str(seed)]  # fmt: skip
@@ -114,6 +114,7 @@ def side_argv(side: str, shape: Shape, r: int, dtype: str | None, model_dir: Pat
         extra = ["--dtype", dtype] if dtype else []
         return [str(BENCH_DIR / "reference_recipe.py"), *shared, "--steps", str(steps), "--lora-r", str(r), *extra]
     extra = ["--set", f"compute_dtype={dtype}"] if dtype else []
+    extra += [a for item in ours_set for a in ("--set", item)]
     return [str(BENCH_DIR / "engine_side.py"), *shared, "--set", f"lora_r={r}", *extra]
 
 
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emulate-avx2", action="store_true", help="cap torch/oneDNN/MKL at AVX2 (bf16 emulated)")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: a temp dir, removed)")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a qlora option for our side (repeatable), e.g. checkpoint_fraction=0")
     args = parser.parse_args(argv)
     if args.emulate_avx2:
         os.environ.update(AVX2_EMULATION_ENV)  # the children inherit it; so does cpu_description
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     native = native_dtype("cpu").dtype
     cpu = cpu_description()
-    print(f"cpu: {cpu}", flush=True)
+    print(f"cpu: {cpu}" + (f"; ours with {' '.join(args.ours_set)}" if args.ours_set else ""), flush=True)
     model_dir = resolve_model_dir(args.model_dir)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-grid-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_dir = work / shape.name / f"{table}-r{r}-{side}"
                     shutil.rmtree(run_dir, ignore_errors=True)
                     run_dir.mkdir(parents=True)
-                    argv_ = side_argv(side, shape, r, dtype, model_dir, train_file, run_dir, args.seed)
+                    argv_ = side_argv(side, shape, r, dtype, model_dir, train_file, run_dir, args.seed,
+                                      args.ours_set)
                     child = run_child(side, argv_, run_dir / "result.json", run_dir / "log.txt")
                     runs[(table, shape.name, r, side)] = child
                     res = child.result

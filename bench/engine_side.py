@@ -24,6 +24,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from bench.common import add_side_arguments, cuda_peak_memory  # noqa: E402
 from qlora_core.config import TrainConfig  # noqa: E402
 from qlora_core.train import TrainingCallback, train  # noqa: E402
@@ -74,13 +76,41 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _collate_with_attention_mask() -> None:
+    """Make the engine's collator add the reference's padding `attention_mask` (an experiment).
+
+    Our collator passes none (qlora_core.data, Note: packed attention), so CPU SDPA runs its plain
+    causal kernel; the reference's collator passes one, which puts SDPA on its masked path. With
+    this, both pay for the same attention and the difference is measured, not assumed. Rows hold
+    one example each here (no packing), so ones up to the row's length are the whole mask.
+    """
+    from qlora_core import data
+
+    plain = data.collate
+
+    def collate(examples, rows, pad_token_id):  # noqa: ANN001, ANN202 (the wrapped signature)
+        batch = plain(examples, rows, pad_token_id)
+        if any(len(row) > 1 for row in rows):
+            raise ValueError("--attention-mask is for unpacked rows (packing false)")
+        mask = torch.zeros_like(batch["input_ids"])  # (B, T)
+        for b, row in enumerate(rows):
+            mask[b, : len(examples[row[0]].input_ids)] = 1
+        return {**batch, "attention_mask": mask}
+
+    data.collate = collate
+
+
 def main(argv: list[str] | None = None) -> int:
     adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_arguments(parser)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override")
+    parser.add_argument("--attention-mask", action="store_true",
+                        help="pass a padding attention_mask as the reference's collator does (measures what not passing one buys)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.attention_mask:
+        _collate_with_attention_mask()
 
     overrides = parse_overrides(args.set)
     config = TrainConfig(
@@ -113,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": overrides,
         "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "compute_dtype": timer.info.get("compute_dtype"),
+        "attention_mask": args.attention_mask,
         **cuda_peak_memory(),
     }
     args.result_json.write_text(json.dumps(out, indent=2))
