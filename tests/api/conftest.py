@@ -8,7 +8,7 @@ test's data dir): no worker consumes them here, and none is needed to test what 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +85,15 @@ def upload(client: TestClient, tenant: Tenant, content: bytes, filename: str = "
            purpose: str = "fine-tune"):
     return client.post("/v1/files", headers=tenant.headers, files={"file": (filename, content)},
                        data={"purpose": purpose})
+
+
+def traversal_targets(filename: str, bases: Iterable[Path]) -> set[Path]:
+    """Where a store that joined the client's `filename` onto one of `bases` would have written it.
+
+    `base / filename` is the classic mistake: each `..` climbs out of `base` and an absolute name
+    replaces it. The spots are resolved the way the OS would open them; none need exist.
+    """
+    return {(Path(base) / filename).resolve() for base in bases}
 
 
 def assert_error(resp, status: int, code: str | None = None, param: str | None = None) -> dict:

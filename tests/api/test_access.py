@@ -42,7 +42,9 @@ def _own_checkpoint(settings, job_id: str, payload: bytes) -> str:
 
 
 def test_guessed_ids_of_another_tenant_reach_nothing(client, alice, bob, settings):
-    alice_job = _job(client, alice)  # first job: _finish gives its checkpoints alice's tenant
+    alice_job = _job(client, alice)
+    # A synthetic succeeded job (_finish writes the worker's rows straight into the database, nothing
+    # is trained): what is under test is who may reach those rows, not how a worker made them.
     alice_ckpts = _finish(settings, alice_job)
     bob_job = _job(client, bob)
     bob_ckpt = _own_checkpoint(settings, bob_job, b"bob's own adapter")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from service.database import session_scope
 from service.db import File
-from tests.api.conftest import assert_error, jsonl, upload
+from tests.api.conftest import assert_error, jsonl, traversal_targets, upload
 
 
 def test_upload_returns_openai_file_and_stores_the_bytes(client, alice, settings):
@@ -29,12 +30,34 @@ def test_upload_returns_openai_file_and_stores_the_bytes(client, alice, settings
     assert client.get(f"/v1/files/{f['id']}", headers=alice.headers).json() == f
 
 
-def test_client_filename_is_only_a_label(client, alice, settings):
-    resp = upload(client, alice, jsonl(10), filename="../../../../etc/evil.jsonl")
+@pytest.mark.parametrize("filename", [
+    "../../../../etc/evil.jsonl",  # from files/<tenant>/ this climbs out of the test's tmp dir
+    "../../evil-traversal.jsonl",  # from files/<tenant>/ this is the data dir, which exists
+    "{tmp}/evil-absolute.jsonl",  # an absolute name replaces the directory it is joined to
+])
+def test_client_filename_is_only_a_label(client, alice, settings, tmp_path, filename):
+    filename = filename.format(tmp=tmp_path)
+    content = jsonl(10)
+    resp = upload(client, alice, content, filename=filename)
     assert resp.status_code == 200, resp.text
-    stored = list(Path(settings.files_dir).rglob("*"))
-    assert all(Path(settings.files_dir) in p.resolve().parents for p in stored)
-    assert not any("evil" in p.name for p in stored)
+    f = resp.json()
+    assert f["filename"] == filename  # kept, as a label
+    files_dir = Path(settings.files_dir).resolve()
+    # Every spot the name would reach, joined onto the files dir, any directory in it (the tenant's)
+    # or the server's working directory (the app runs in this process): nothing was written there.
+    bases = [files_dir, *(d for d in files_dir.rglob("*") if d.is_dir()), Path.cwd()]
+    targets = traversal_targets(filename, bases)
+    assert all(files_dir not in t.parents for t in targets)  # the name really does leave files_dir
+    written = sorted(str(t) for t in targets if t.exists())
+    assert not written, f"the client's file name was used as a path: {written}"
+    assert not [p for p in tmp_path.rglob("*evil*")], "a file named after the client's name was written"
+    # The one stored file is files/<tenant>/<file id>.jsonl, holding the upload.
+    stored = [p for p in files_dir.rglob("*") if p.is_file()]
+    assert [p.name for p in stored] == [f"{f['id']}.jsonl"] and stored[0].parent.parent == files_dir
+    assert stored[0].read_bytes() == content
+    with session_scope(settings.database_url) as s:
+        rel = s.scalar(select(File.storage_path).where(File.id == f["id"]))
+    assert (files_dir / rel).resolve() == stored[0]
 
 
 def test_bad_dataset_is_refused_with_line_numbers(client, alice, settings):

@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from qlora_core.store import BUNDLED_MODEL_ID
 from service.database import session_scope
@@ -35,9 +35,21 @@ def _write_adapter(root: Path, marker: bytes) -> None:
 
 
 def _finish(settings, job_id: str, steps: int = 3) -> list[str]:
-    """Record what a worker would for a job that trained `steps` steps and succeeded."""
+    """Make `job_id` a synthetic succeeded job: no worker runs, nothing is trained.
+
+    The rows and files a worker writes for a job that trained `steps` steps are written straight
+    into the database and the artifacts dir: `steps` metrics events, checkpoints at steps 2 and 3
+    with their adapter directories, the final adapter, and the job row set to `succeeded` with
+    `fine_tuned_model`, `finished_at` and `trained_tokens`. The adapters hold marker bytes, not
+    weights. Enough for tests of what the API serves from those rows (listing, paging, tenancy,
+    downloads); the real worker writing them is tested end to end in tests/e2e.
+
+    Returns:
+        The checkpoint ids, oldest (step 2) first.
+    """
     ckpts = []
     with session_scope(settings.database_url) as s:
+        tenant_id = s.scalar(select(Job.tenant_id).where(Job.id == job_id))
         for step in range(1, steps + 1):
             s.add(JobEvent(id=new_id("ftevent"), job_id=job_id, type="metrics", message=f"Step {step}/{steps}",
                            data={"step": step, "train_loss": 2.0 / step}, dedup_key=f"metrics:{step}"))
@@ -46,7 +58,7 @@ def _finish(settings, job_id: str, steps: int = 3) -> list[str]:
             _write_adapter(Path(settings.artifacts_dir) / rel, f"ckpt{step}".encode())
             cid = new_id("ftckpt")
             ckpts.append(cid)
-            s.add(Checkpoint(id=cid, job_id=job_id, tenant_id=s.get_one(Job, 1).tenant_id, step_number=step,
+            s.add(Checkpoint(id=cid, job_id=job_id, tenant_id=tenant_id, step_number=step,
                              metrics={"step": step, "train_loss": 1.0}, fine_tuned_model_checkpoint=f"ft:x:ckpt-step-{step}",
                              adapter_path=rel))
         _write_adapter(Path(settings.artifacts_dir) / f"jobs/{job_id}/adapter", b"final")

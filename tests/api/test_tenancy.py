@@ -15,6 +15,9 @@ def test_other_tenants_objects_are_404_everywhere(client, alice, bob, settings):
     fid = upload(client, alice, jsonl(10)).json()["id"]
     jid = client.post("/v1/fine_tuning/jobs", headers=alice.headers,
                       json={"model": BUNDLED_MODEL_ID, "training_file": fid}).json()["id"]
+    # A synthetic succeeded job (_finish writes the worker's rows straight into the database, nothing
+    # is trained): every endpoint below then has a real object to refuse to bob, and tenancy is a
+    # property of the rows, not of how a worker made them.
     ckpts = _finish(settings, jid)
     with session_scope(settings.database_url) as s:
         tenant = s.get_one(Job, 1).tenant_id

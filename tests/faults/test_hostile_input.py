@@ -5,14 +5,17 @@ data, bytes that are not UTF-8, a 10 MB line, JSON nested 200,000 deep, wrong ro
 file, a million tiny lines past the upload cap, JSON arrays and numbers as lines, NUL bytes,
 `../../` file names, broken multipart ...). Each must get the status a user expects: 400 naming
 the bad line numbers and what is wrong, 413 past the cap, or 200 for the two valid oddities (CRLF
-line ends and a UTF-8 BOM). Never a 5xx. Afterwards: nothing was written outside `files_dir`, no
-partial file is left behind, and the other tenant's file is byte-for-byte untouched.
+line ends and a UTF-8 BOM). Never a 5xx. Afterwards: nothing was written outside `files_dir` (checked
+where each client file name would land if it were used as a path: joined onto `files_dir`, the
+tenant's directory in it, or the server's working directory), no partial file is left behind, and
+the other tenant's file is byte-for-byte untouched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import socket
 from collections.abc import Callable, Iterator
@@ -24,6 +27,7 @@ import pytest
 
 from service.keys import create_key
 from service.migrate import upgrade
+from tests.api.conftest import traversal_targets
 from tests.faults.services import FIGURES, start_api_server
 
 CAP = 12 * 1024 * 1024  # QLORA_MAX_UPLOAD_BYTES of the test server: the 10 MB line fits, a million lines do not
@@ -127,6 +131,7 @@ RAW_CASES = [
 class Live:
     root: Path
     data: Path
+    cwd: Path  # the server's working directory
     url: str
     alice: dict[str, str]
     bob: dict[str, str]
@@ -140,10 +145,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     db = f"sqlite:///{data / 'qlora.db'}"
     upgrade(db)
     keys = [create_key(t, database_url=db) for t in ("alice", "bob")]
+    cwd = tmp_path_factory.mktemp("hostile-cwd")  # beside root: the server's log goes here
     server = start_api_server({"QLORA_DATA_DIR": str(data), "QLORA_DATABASE_URL": db,
-                               "QLORA_MAX_UPLOAD_BYTES": str(CAP)})
+                               "QLORA_MAX_UPLOAD_BYTES": str(CAP)}, workdir=cwd)
     try:
-        yield Live(root, data, server.url, *({"Authorization": f"Bearer {k}"} for k in keys))
+        yield Live(root, data, cwd, server.url, *({"Authorization": f"Bearer {k}"} for k in keys))
     finally:
         server.close()
 
@@ -172,6 +178,15 @@ def stored_files(live: Live) -> list[Path]:
     return sorted(p for p in (live.data / "files").rglob("*") if p.is_file())
 
 
+def written_by_name(live: Live, filename: str) -> list[str]:
+    """Files at the spots `filename` reaches when joined onto files_dir, a directory in it, or the cwd."""
+    files_dir = (live.data / "files").resolve()
+    bases = [files_dir, *(d for d in files_dir.rglob("*") if d.is_dir()), live.cwd]
+    # os.path.lexists, not Path.exists: a 20,000-character name is an OSError to stat, and cannot exist.
+    return sorted(str(t) for t in traversal_targets(filename, bases)
+                  if files_dir not in t.parents and os.path.lexists(t))
+
+
 @pytest.mark.slow
 def test_hostile_uploads_are_refused_cleanly(live: Live):
     original = lines(*GOOD)
@@ -194,6 +209,7 @@ def test_hostile_uploads_are_refused_cleanly(live: Live):
                 assert text in err["message"], (case.name, text, err["message"][:300])
         # No partial file after a refusal: only alice's and the accepted uploads are on disk.
         assert len(stored_files(live)) == 1 + len(accepted), case.name
+        assert not written_by_name(live, case.filename), (case.name, written_by_name(live, case.filename))
     for name, headers, body, status, param in RAW_CASES:
         resp = httpx.post(f"{live.url}/v1/files", headers={**live.bob, **headers}, content=body, timeout=60)
         tried += 1
@@ -206,7 +222,7 @@ def test_hostile_uploads_are_refused_cleanly(live: Live):
     for p in live.root.rglob("*"):
         if p.is_file() and files_dir not in p.resolve().parents:
             assert p.parent == live.data and p.name.startswith(("qlora.db", "broker.db")), p
-    assert not list(Path("/tmp").glob("evil-*"))
+    assert [p.name for p in live.cwd.rglob("*")] == ["api.log"]
     for p in stored_files(live):
         assert p.name.startswith("file-") and p.suffix == ".jsonl" and p.parent.parent == files_dir
     # Each accepted file reads back exactly as sent; alice's is untouched and bob cannot see it.

@@ -168,30 +168,42 @@ _PEAK_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_estimate_is_in_the_ballpark_of_measured_peak(tmp_path, gradient_checkpointing: bool) -> None:
-    """Peak RSS growth of one forward+backward vs. the estimate's activations + logits.
+# Measured peak over predicted (activations + logits), 2-core CPU box, fused layers, seven runs each:
+# 2.0-2.25x without checkpointing, 2.2-2.6x with it. The band leaves about 20% either side.
+PEAK_OVER_ESTIMATE = (1.6, 3.2)
+
+
+def test_estimate_tracks_the_measured_peak_with_and_without_checkpointing(tmp_path) -> None:
+    """Peak RSS growth of one forward+backward vs. the estimate's activations + logits, both ways.
 
     A fresh process per case: a warm allocator would reuse the other case's freed memory.
-    Measured on the 2-core CPU box with the fused layers: 2.2x the prediction without
-    checkpointing, 2.3x with it. The rest is a per-token transient of ~40 KB in this 256-wide
-    model that depends neither on checkpointing nor on T (so not attention scores); even a
-    no-grad forward peaks at ~18 KB per token. Freed-but-retained heap is the likeliest part;
-    the estimate does not model it.
+    The measured peak is 2.0-2.6x the prediction in both cases. The rest is a per-token transient
+    of 30-50 KB in this 256-wide model that depends little on checkpointing and not on T (so not
+    attention scores); even a no-grad forward peaks at ~18 KB per token. Freed-but-retained heap is
+    the likeliest part; the estimate does not model it. So each case must sit in a 2x band around
+    that ratio, and checkpointing must lower both numbers, the measured one by at least what the
+    estimate says it saves (measured: 1.6-2.2x the predicted saving of 33 MB).
     """
     from qlora_core.testing import build_tiny_llama_dir
 
     d = build_tiny_llama_dir(tmp_path / "m", hidden_size=256, n_layers=4, n_heads=4, intermediate_size=512)
+    config = json.loads((d / "config.json").read_text())
     batch, seq = 4, 512
-    out = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(d), "1" if gradient_checkpointing else "0", str(batch), str(seq)],
-        capture_output=True, text=True, check=True, timeout=300,
-    )  # fmt: skip
-    measured = json.loads(out.stdout.strip().splitlines()[-1])["peak_delta"]
-    est = estimate_training_memory(json.loads((d / "config.json").read_text()), seq, batch, 8, gradient_checkpointing)
-    predicted = est["activation_bytes"] + est["logits_bytes"]
-    # Ballpark: within a factor 4 either way; and checkpointing must show up in both numbers.
-    assert predicted / 4 < measured < predicted * 4, (measured / 2**20, predicted / 2**20)
+    measured, predicted = {}, {}
+    for gc_on in (False, True):
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(d), "1" if gc_on else "0", str(batch), str(seq)],
+            capture_output=True, text=True, check=True, timeout=300,
+        )  # fmt: skip
+        measured[gc_on] = json.loads(out.stdout.strip().splitlines()[-1])["peak_delta"]
+        est = estimate_training_memory(config, seq, batch, 8, gc_on)
+        predicted[gc_on] = est["activation_bytes"] + est["logits_bytes"]
+    mib = {k: (round(measured[k] / 2**20, 1), round(predicted[k] / 2**20, 1)) for k in measured}
+    low, high = PEAK_OVER_ESTIMATE
+    for gc_on in (False, True):
+        assert low < measured[gc_on] / predicted[gc_on] < high, mib
+    assert predicted[True] < predicted[False], mib
+    assert measured[False] - measured[True] > predicted[False] - predicted[True], mib
 
 
 def test_estimate_grows_as_fewer_layers_are_checkpointed() -> None:
