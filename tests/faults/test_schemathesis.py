@@ -76,6 +76,9 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(tmp_path:
                          json={"model": BUNDLED_MODEL_ID, "training_file": fid}, timeout=60)
         assert job.status_code == 200, job.text
         jid = job.json()["id"]
+        # A synthetic succeeded job (no worker runs here: `_finish` marks it succeeded in the database
+        # with marker adapter files), so that the checkpoint and download routes have ids to fuzz; what
+        # a real worker writes is covered by tests/e2e.
         ckpt = _finish(Settings(data_dir=data, database_url=db), jid)[0]
 
         tried = 0
