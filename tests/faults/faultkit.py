@@ -118,9 +118,26 @@ def reference_run(stack: Stack, max_steps: int, **qlora: Any) -> tuple[Any, dict
         worker.stop()
 
 
-def resumed_from_steps(stack: Stack, job_id: str) -> list[int]:
-    """The checkpoint step of every resume, in order, from the engine's own message."""
-    return [int(m.group(1)) for msg in stack.messages(job_id) if (m := _RESUMED_FROM.search(msg))]
+def run_start_points(stack: Stack, job_id: str) -> list[int]:
+    """For every run of the job, in order, the step it trained from: the checkpoint step the
+    engine says it resumed from, or 0 for a run that started at the beginning.
+
+    A run begins at its "Fine-tuning job started"/"resumed" event; the engine's "resumed from
+    checkpoint at step N" message, if any, follows it before the run's first step.
+    """
+    points: list[int] = []
+    for msg in stack.messages(job_id):
+        if msg in ("Fine-tuning job started", "Fine-tuning job resumed"):
+            points.append(0)
+        elif (m := _RESUMED_FROM.search(msg)) is not None:
+            assert points and points[-1] == 0, f"a resume message outside a run's start: {stack.messages(job_id)}"
+            points[-1] = int(m.group(1))
+    return points
+
+
+def listed_checkpoints(stack: Stack, job_id: str) -> list[Any]:
+    """The job's checkpoints as a client lists them through the SDK (every page), newest first."""
+    return list(stack.client().fine_tuning.jobs.checkpoints.list(job_id, limit=100))
 
 
 def assert_nothing_lost_nothing_twice(stack: Stack, job_id: str, max_steps: int, interruptions: int,
@@ -159,7 +176,7 @@ def assert_nothing_lost_nothing_twice(stack: Stack, job_id: str, max_steps: int,
         # an uninterrupted one, so the tolerance is zero.
         for name in ref_tensors:
             torch.testing.assert_close(got[name], ref_tensors[name], rtol=0.0, atol=0.0, msg=name)
-        ref_ckpts = [c.step_number for c in stack.client().fine_tuning.jobs.checkpoints.list(ref_job.id).data]
-        ckpts = [c.step_number for c in stack.client().fine_tuning.jobs.checkpoints.list(job_id).data]
+        ref_ckpts = [c.step_number for c in listed_checkpoints(stack, ref_job.id)]
+        ckpts = [c.step_number for c in listed_checkpoints(stack, job_id)]
         assert ckpts == ref_ckpts
     return job

@@ -1,7 +1,10 @@
 """Jobs that hit a limit end `failed` with their own error code, and the worker carries on.
 
 - Time limit: a real `qlora worker` with `QLORA_JOB_TIME_LIMIT_S=6` runs a job that would take far
-  longer; it stops cooperatively and fails with `time_limit_exceeded`, its checkpoints kept.
+  longer; it stops cooperatively and fails with `time_limit_exceeded`, its checkpoints kept, as
+  its error message says: every checkpoint step it reached is complete on disk, listed by the API
+  and downloadable, and nothing else is left (no temp dir, no final adapter). Nothing in the
+  service deletes a job's checkpoints (the worker trains with `resume=True`, worker/training.py).
 - Out of memory: a real allocation failure, not a fake. The task body (`worker.tasks.run_job_here`,
   what the Celery task calls) runs in a child process whose address space is capped with
   `RLIMIT_AS` a little above what it uses once everything is imported, on a job whose first
@@ -13,10 +16,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -24,7 +29,8 @@ import httpx
 import pytest
 from sqlalchemy import insert, select
 
-from tests.faults.faultkit import CHECKPOINT_STEPS, count
+from qlora_core.checkpoint import ADAPTER, ADAPTER_WEIGHTS, checkpoint_name, list_checkpoints
+from tests.faults.faultkit import CHECKPOINT_STEPS, count, listed_checkpoints
 from tests.faults.stack import TINY_MODEL_ID, Stack
 
 pytestmark = pytest.mark.slow
@@ -53,11 +59,34 @@ def test_job_past_its_time_limit_fails_with_time_limit_exceeded(fault_stack: Sta
     adapter = httpx.get(f"{stack.api.url}/v1/fine_tuning/jobs/{job_id}/adapter",
                         headers={"Authorization": f"Bearer {stack.key}"}, timeout=30)
     assert adapter.status_code == 400
+    _assert_checkpoints_kept(stack, job_id, last_step=steps[-1])
     # The worker is free again: the next job runs on it.
     next_job = stack.wait_finished(stack.create_job(max_steps=2))
     assert next_job.status == "succeeded", next_job.error
     count("limit_failures_recorded")
     stack.stop_workers()
+
+
+def _assert_checkpoints_kept(stack: Stack, job_id: str, last_step: int) -> None:
+    """Every checkpoint step up to `last_step` is complete on disk, listed and downloadable; nothing else is there.
+
+    A checkpoint is written right after its step's metrics event and the time limit is checked
+    before the next step, so the last recorded step says exactly which checkpoints exist.
+    """
+    assert last_step >= CHECKPOINT_STEPS, f"stopped at step {last_step}, before the first checkpoint\n{stack.logs()}"
+    kept = list(range(CHECKPOINT_STEPS, last_step + 1, CHECKPOINT_STEPS))
+    job_dir = stack.job_dir(job_id)
+    assert [step for step, _ in list_checkpoints(job_dir)] == kept
+    assert sorted(os.listdir(job_dir / "checkpoints")) == [checkpoint_name(step) for step in kept]  # no temp dir
+    assert not (job_dir / ADAPTER).exists()
+    listed = listed_checkpoints(stack, job_id)
+    assert [c.step_number for c in listed] == kept[::-1]
+    for c in listed:
+        resp = httpx.get(f"{stack.api.url}/v1/fine_tuning/jobs/{job_id}/checkpoints/{c.id}/adapter",
+                         headers={"Authorization": f"Bearer {stack.key}"}, timeout=30)
+        assert resp.status_code == 200, (c.step_number, resp.text)
+        with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:gz") as tar:
+            assert ADAPTER_WEIGHTS in tar.getnames(), (c.step_number, tar.getnames())
 
 
 _CHILD = textwrap.dedent("""

@@ -12,7 +12,10 @@ qlora_core/train.py) and their replayed events are dropped by the events' `dedup
 shows every step once, none missing, and the first-recorded values stand. The replayed steps'
 values are the same anyway, which `test_killed_worker_*` checks through the final adapter: it is
 bitwise equal to an uninterrupted run of the same job, and so are `trained_tokens` and the
-checkpoint list.
+checkpoint list. A run restarted from step 0 would be bitwise equal too, so each test also waits
+until a checkpoint is complete on disk and listed by the API before it kills, and requires every
+restarted run to report that it resumed from the newest complete checkpoint of its kill (0 only
+for the kill that precedes the first checkpoint).
 
 Killing "while a checkpoint is being written": the engine builds each checkpoint in a hidden
 `.tmp-step-…` dir and renames it into place (qlora_core/checkpoint.py). The test watches the
@@ -20,7 +23,12 @@ job's checkpoint dir and SIGKILLs the worker as soon as a temp dir appears; on t
 tiny model's checkpoint takes ~50-100 ms to write, so the kill usually lands inside the write.
 The test counts the kills that left a half-written dir behind (FIGURES
 `checkpoint_write_kills`) and requires at least one over its tries; that dir is never resumed
-from and is gone once the job succeeds.
+from and is gone once the job succeeds. FIGURES `kills_survived` counts SIGKILLs only (not the
+SIGSTOP of the hung holder), and only once the job has been checked to end as if uninterrupted.
+
+The hung holder is frozen inside the computation of the step before a checkpoint step, so that
+what it would do first on waking is publish that step and write that checkpoint; it must find
+its lease gone and write nothing: no checkpoint (not even a temp dir), no event.
 """
 
 from __future__ import annotations
@@ -32,16 +40,20 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.checkpoint import list_checkpoints
+from qlora_core.checkpoint import checkpoint_name, list_checkpoints
 from service.queue import make_celery
 from service.settings import Settings
 from tests.faults.faultkit import (CHECKPOINT_STEPS, MAX_STEPS, SseReader, assert_nothing_lost_nothing_twice, count,
-                                   embedded_stack, reference_run, resumed_from_steps)
+                                   embedded_stack, listed_checkpoints, reference_run, run_start_points)
 from tests.faults.stack import Stack, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
 CHECKPOINT_WRITE_TRIES = 4
+# After the holder has recorded the step before a checkpoint step, how long to wait before the
+# SIGSTOP: long enough for its lease check before the next step (a few ms of database writes),
+# short against the step's computation (~50 ms here), so that the freeze lands inside it.
+FREEZE_DELAY_S = 0.01
 
 
 def _holder_or_none(stack: Stack, job_id: str) -> WorkerProcess | None:
@@ -70,12 +82,25 @@ def _resume_point(stack: Stack, job_id: str) -> int:
     return done[-1][0] if done else 0
 
 
+def _wait_checkpoint(stack: Stack, job_id: str, step: int) -> None:
+    """Wait until checkpoint `step` is complete on disk and listed by the API (its row follows the files)."""
+
+    from service.db import FINISHED_STATUSES
+
+    def published() -> bool:
+        on_disk = step in [s for s, _ in list_checkpoints(stack.job_dir(job_id))]
+        return on_disk and step in [c.step_number for c in listed_checkpoints(stack, job_id)]
+
+    stack.wait_until(f"checkpoint {step} of {job_id}",
+                     lambda: published() or stack.job_row(job_id).status in FINISHED_STATUSES, poll_s=0.01)
+    assert published(), f"{job_id} ended without checkpoint {step}\n{stack.logs()}"
+
+
 def _kill_holder_at_step(stack: Stack, job_id: str, step: int) -> tuple[WorkerProcess, int]:
     """SIGKILL the holder once the job has recorded `step`; returns it and the checkpoint step to resume from."""
     stack.wait_step(job_id, step)
     victim = _holder(stack, job_id)
     victim.kill()
-    count("kills_survived")
     return victim, _resume_point(stack, job_id)
 
 
@@ -102,7 +127,6 @@ def _kill_holder_during_checkpoint_write(stack: Stack, job_id: str) -> tuple[Wor
             raise AssertionError(f"no checkpoint write seen\n{stack.logs()}")
         time.sleep(0.001)
     victim.kill()
-    count("kills_survived")
     torn = temp_dirs() - stale
     return victim, _resume_point(stack, job_id), bool(torn)
 
@@ -110,7 +134,8 @@ def _kill_holder_during_checkpoint_write(stack: Stack, job_id: str) -> tuple[Wor
 def test_killed_worker_resumes_from_last_complete_checkpoint(fault_stack: Stack, fault_reference) -> None:  # type: ignore[no-untyped-def]
     """Kills before the first checkpoint, between checkpoints and inside a checkpoint write. Two
     workers run at all times: the survivor takes the job over, and the killed one is restarted
-    under its own name (the same worker coming back). The job ends as if never interrupted."""
+    under its own name (the same worker coming back). The job ends as if never interrupted, and
+    every run after a kill resumed from the newest checkpoint complete at that kill."""
     stack = fault_stack
     stack.start_worker("w1")
     stack.start_worker("w2")
@@ -120,8 +145,10 @@ def test_killed_worker_resumes_from_last_complete_checkpoint(fault_stack: Stack,
     resume_points: list[int] = []
 
     victim, at = _kill_holder_at_step(stack, job_id, 2)  # before any checkpoint: starts over
+    assert at == 0, f"checkpoint {at} complete at step 2"
     resume_points.append(at)
     stack.start_worker(victim.name)
+    _wait_checkpoint(stack, job_id, CHECKPOINT_STEPS)
     victim, at = _kill_holder_at_step(stack, job_id, CHECKPOINT_STEPS + 2)
     resume_points.append(at)
     stack.start_worker(victim.name)
@@ -133,31 +160,37 @@ def test_killed_worker_resumes_from_last_complete_checkpoint(fault_stack: Stack,
         resume_points.append(at)
         half_written += torn
         stack.start_worker(victim.name)
-    count("checkpoint_write_kills", half_written)
+    # Checkpoints are never deleted, so every kill after the first had checkpoint CHECKPOINT_STEPS or a newer one.
+    assert all(at >= CHECKPOINT_STEPS for at in resume_points[1:]), resume_points
     job = assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=len(resume_points),
                                             reference=fault_reference)
     assert half_written >= 1, "no kill landed inside a checkpoint write"
-    # Each run resumed from the newest *complete* checkpoint at the moment of its kill (0: none).
-    resumed = resumed_from_steps(stack, job_id)
-    assert resumed == [s for s in resume_points if s > 0], (resumed, resume_points)
+    # The first run started at step 0; each later one where the engine says it resumed from.
+    assert run_start_points(stack, job_id) == [0, *resume_points], stack.messages(job_id)
     sse.join(60)
     # A client following the stream saw every step once, in order, across the kills.
     assert sse.metrics_steps() == list(range(1, MAX_STEPS + 1))
     assert sse.events[-1]["message"] == "The job has successfully completed"
     assert job.trained_tokens == fault_reference[0].trained_tokens
+    count("kills_survived", len(resume_points))
+    count("checkpoint_write_kills", half_written)
     stack.stop_workers()
 
 
 def test_killed_worker_resumes_in_embedded_mode(tiny_model_dir: Path) -> None:
-    """The same kill on SQLite + the serverless broker: a restarted worker finishes the job."""
+    """The same kill on SQLite + the serverless broker, once a checkpoint is complete: a restarted
+    worker resumes from it and finishes the job."""
     with embedded_stack(tiny_model_dir) as stack:
         reference = reference_run(stack, MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
         job_id = stack.create_job(max_steps=MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
         stack.start_worker("w1")
-        _, resume_step = _kill_holder_at_step(stack, job_id, CHECKPOINT_STEPS + 1)
+        _wait_checkpoint(stack, job_id, CHECKPOINT_STEPS)
+        _, at = _kill_holder_at_step(stack, job_id, CHECKPOINT_STEPS + 1)
+        assert at >= CHECKPOINT_STEPS, at
         stack.start_worker("w1")
         assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=reference)
-        assert resumed_from_steps(stack, job_id) == ([resume_step] if resume_step else [])
+        assert run_start_points(stack, job_id) == [0, at], stack.messages(job_id)
+        count("kills_survived")
 
 
 def test_redelivered_message_does_nothing_while_the_job_is_held(fault_stack: Stack) -> None:
@@ -180,27 +213,78 @@ def test_redelivered_message_does_nothing_while_the_job_is_held(fault_stack: Sta
     stack.stop_workers()
 
 
+def _steps_completed(stack: Stack, job_id: str) -> int:
+    """The job's `progress.steps_completed`: the holder's last write of a step, after its metrics event."""
+    return int((stack.job_row(job_id).progress or {}).get("steps_completed") or 0)
+
+
+def _freeze_before_a_checkpoint(stack: Stack, held: WorkerProcess, job_id: str) -> int:
+    """SIGSTOP `held` inside the computation of the step just before a checkpoint step (12, else 18, else 24).
+
+    Returns:
+        That checkpoint step. Frozen, `held` has recorded the step before it and has neither
+        published it nor begun writing its checkpoint.
+
+    Raises:
+        AssertionError: if every try froze it too late (a machine too loaded to aim at a step).
+    """
+    ckpt_dir = stack.job_dir(job_id) / "checkpoints"
+    for ckpt_step in range(2 * CHECKPOINT_STEPS, MAX_STEPS + 1, CHECKPOINT_STEPS):
+        stack.wait_until(f"step {ckpt_step - 1} of {job_id}",
+                         lambda before=ckpt_step - 1: _steps_completed(stack, job_id) >= before, poll_s=0.002)
+        time.sleep(FREEZE_DELAY_S)
+        held.pause()
+        started = [name for name in os.listdir(ckpt_dir) if checkpoint_name(ckpt_step) in name]
+        if max(stack.metrics_steps(job_id)) == ckpt_step - 1 and not started:
+            return ckpt_step
+        held.resume()  # too late; paused for milliseconds, far inside its lease, so it goes on as before
+    raise AssertionError(f"could not freeze the holder before a checkpoint step\n{stack.logs()}")
+
+
+def _temp_dirs_of(job_dir: Path, pid: int) -> set[str]:
+    """The temp dirs process `pid` is writing a checkpoint or the final adapter in (qlora_core/checkpoint.py)."""
+    found = set()
+    for parent in (job_dir, job_dir / "checkpoints"):
+        try:
+            found |= {name for name in os.listdir(parent) if name.startswith(".tmp-") and name.endswith(f"-{pid}")}
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def test_hung_holder_is_taken_over_after_its_lease_expires(fault_stack: Stack, fault_reference) -> None:  # type: ignore[no-untyped-def]
     """SIGSTOP the worker holding a job (it stops heart-beating but its process lives): another
-    worker takes the job over once the lease expires (QLORA_LEASE_S=6) and finishes it; the
-    holder, woken up, finds its lease gone and stops without publishing anything."""
+    worker takes the job over once the lease expires (QLORA_LEASE_S=6), resumes it from the last
+    checkpoint and finishes it; the holder, woken up just before it would write a checkpoint,
+    finds its lease gone and writes nothing: no checkpoint, not even a temp dir, and no event."""
+    from worker.lease import parse_owner
+
     stack = fault_stack
     held = stack.start_worker("hung")
     job_id = stack.create_job(max_steps=MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
-    stack.wait_step(job_id, CHECKPOINT_STEPS + 2)
-    held.pause()
+    ckpt_step = _freeze_before_a_checkpoint(stack, held, job_id)
     owner = stack.job_row(job_id).lease_owner
     assert owner.startswith(held.hostname + "|")
+    trainer_pid = parse_owner(owner)[2]  # the job child, whose pid names its temp dirs
     rescuer = stack.start_worker("rescuer")
     stack.wait_until("the takeover", lambda: (stack.job_row(job_id).lease_owner or "").startswith(rescuer.hostname)
                      or stack.job_row(job_id).status == "succeeded", timeout_s=120, poll_s=0.2)
     mark = len(held.log())
     held.resume()
-    count("kills_survived")
-    assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=fault_reference)
-    stack.wait_until("the old holder to stop", lambda: "'lease_lost'" in held.log()[mark:], timeout_s=60, poll_s=0.2)
+    begun: set[str] = set()
+
+    def woken_holder_stopped() -> bool:
+        begun.update(_temp_dirs_of(stack.job_dir(job_id), trainer_pid))  # a checkpoint write lasts ~50-100 ms
+        return "'lease_lost'" in held.log()[mark:]
+
+    stack.wait_until("the old holder to stop", woken_holder_stopped, timeout_s=60, poll_s=0.002)
     woken = held.log()[mark:]
     assert f"lost the lease on {job_id}" in woken
-    # Woken up, it published at most the checkpoint it was writing when it froze, and nothing after.
-    assert len(re.findall(r"checkpoint \S+ written", woken)) <= 1, woken
+    # Woken up, it wrote no checkpoint (it would have written checkpoint `ckpt_step` next) ...
+    assert not begun, f"the woken holder began writing {sorted(begun)}"
+    assert not re.findall(r"checkpoint \S+ written", woken), woken
+    assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=fault_reference)
+    # ... and no event: not the note a run leaves when it stops ("stopped at step N of M").
+    assert not [m for m in stack.messages(job_id) if m.startswith("stopped at step")], stack.messages(job_id)
+    assert run_start_points(stack, job_id) == [0, ckpt_step - CHECKPOINT_STEPS], stack.messages(job_id)
     stack.stop_workers()
