@@ -361,6 +361,15 @@ def auto_checkpoint_fraction(
     # tokens), so it is the same for every run of a model: on SmolLM2 (V = 49,152, width 576)
     # 12 of 30 blocks stay checkpointed; on a Llama-7B shape (V = 32,000, width 4096) 31 of 32.
     # A head with LoRA on it takes the full-logits path and frees nothing: everything is checkpointed.
+    #
+    # Note: checkpointing in fp32. Our blocks' activations double in fp32, and the half-spend rule
+    # above, tuned in bf16 (peak 0.80-0.94x the reference's on bench/bench_grid.py), then left 19-20
+    # of SmolLM2's 30 blocks checkpointed at 0.35-0.76x the fp32 reference's memory: 1.28-1.53x its
+    # speed where 1.5x is the goal. In fp32 the full-logits loss holds four fp32 (N, V) tensors at
+    # the start of its backward (logits, log-probs, and the gradients of both), V * 16 per token,
+    # and the fp32 reference measured fatter still (its peak grows ~2x faster with tokens than in
+    # bf16), so in fp32 we spend all of V * 16: SmolLM2 keeps 0 (r=8) or 2 (r=64) of 30 blocks
+    # checkpointed (bench/bench_grid.py on an AVX2 host: see README), a Llama-7B shape 30 of 32.
 
     Returns:
         A fraction in [0, 1] of layers to checkpoint, a multiple of 1 / num_hidden_layers.
@@ -371,8 +380,11 @@ def auto_checkpoint_fraction(
         return 1.0
     c = _DTYPE_BYTES[compute_dtype]
     n_layers, h = cfg["num_hidden_layers"], cfg["hidden_size"]
-    freed = cfg["vocab_size"] * (c + 4 + 4)  # per token
+    if c == 4:  # See Note: checkpointing in fp32
+        freed, spent = cfg["vocab_size"] * 16, 1.0  # per token
+    else:
+        freed, spent = cfg["vocab_size"] * (c + 4 + 4), 0.5
     known = [t for t in targets if t in linear_shapes(config_json)]
     per_layer = _activation_bytes_per_token_layer(config_json, lora_r, c, known, fused_layers) - c * h
-    n_free = min(n_layers, int(0.5 * freed // max(per_layer, 1)))
+    n_free = min(n_layers, int(spent * freed // max(per_layer, 1)))
     return (n_layers - n_free) / n_layers

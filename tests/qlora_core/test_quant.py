@@ -237,6 +237,21 @@ def test_auto_checkpointing_spends_only_what_the_chunked_loss_frees() -> None:
         assert 0 <= auto["activation_bytes"] - full["activation_bytes"] <= full["logits_bytes"] / 2
 
 
+def test_auto_checkpointing_in_fp32_spends_the_fp32_loss_whole() -> None:
+    """See Note: checkpointing in fp32: four fp32 (N, V) tensors per token, all spent on blocks."""
+    from qlora_core.quant import auto_checkpoint_fraction
+
+    assert auto_checkpoint_fraction(SMOL_CONFIG, 8, "float32") == 0.0
+    assert auto_checkpoint_fraction(SMOL_CONFIG, 64, "float32") == 2 / 30
+    assert auto_checkpoint_fraction(LLAMA_7B_CONFIG, 64, "float32") == 30 / 32
+    assert auto_checkpoint_fraction(SMOL_CONFIG, 64, "float16") == auto_checkpoint_fraction(SMOL_CONFIG, 64)
+    for config in (SMOL_CONFIG, LLAMA_7B_CONFIG):
+        tokens, vocab = 4 * 512, config["vocab_size"]
+        full = estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=1.0, compute_dtype="float32")
+        auto = estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=None, compute_dtype="float32")
+        assert 0 <= auto["activation_bytes"] - full["activation_bytes"] <= tokens * vocab * 16
+
+
 def test_train_config_refuses_a_fraction_outside_0_1() -> None:
     from qlora_core.config import TrainConfig
 
