@@ -41,3 +41,13 @@ def test_each_side_gets_the_same_work_and_its_own_dtype(tmp_path):
     ref32 = side_argv("reference", shape, 64, "float32", tmp_path, tmp_path / "t.jsonl", tmp_path / "r", 42)
     ours32 = side_argv("engine", shape, 64, "float32", tmp_path, tmp_path / "t.jsonl", tmp_path / "o", 42)
     assert ref32[ref32.index("--dtype") + 1] == "float32" and "compute_dtype=float32" in ours32
+
+
+def test_ours_set_reaches_only_our_side(tmp_path):
+    shape = SHAPES["short"]
+    ref = side_argv("reference", shape, 8, "float32", tmp_path, tmp_path / "t.jsonl", tmp_path / "r", 42,
+                    ["checkpoint_fraction=0"])
+    ours = side_argv("engine", shape, 8, "float32", tmp_path, tmp_path / "t.jsonl", tmp_path / "o", 42,
+                     ["checkpoint_fraction=0"])
+    assert "checkpoint_fraction=0" in ours and ours[ours.index("checkpoint_fraction=0") - 1] == "--set"
+    assert not any("checkpoint_fraction" in a for a in ref)
