@@ -83,7 +83,11 @@ class File(Base):
 
 
 class Model(Base):
-    """A model the API lists: a base model (tenant_id NULL, shared) or a tenant's fine-tuned model."""
+    """A model the API lists: a base model (tenant_id NULL, shared) or a tenant's fine-tuned model.
+
+    A fine-tuned model's row is written with its job's `succeeded` status and deleted by
+    `DELETE /v1/models/{id}`; the job row stays.
+    """
 
     __tablename__ = "models"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -123,7 +127,9 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     estimated_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # relative to artifacts_dir
+    # The final adapter, relative to artifacts_dir. Set with `succeeded`; NULL again on a succeeded
+    # job once its fine-tuned model was deleted (the files are gone too).
+    adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,11 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OPTIONAL_ADAPTER_FILES = ("README.md",)
+
+
+def job_archive_rel(job_id: str) -> str:
+    """Where a job's final adapter archive lives, relative to artifacts_dir (the worker builds it there)."""
+    return f"jobs/{_safe_component(job_id)}/adapter.tar.gz"
 
 
 class UploadTooLarge(Exception):
@@ -191,3 +198,36 @@ def _newer_than_sources(archive: Path, adapter_dir: Path) -> bool:
     # An archive whose adapter directory was pruned is still the best copy there is.
     sources = [adapter_dir / n for n in ADAPTER_FILES if (adapter_dir / n).is_file()]
     return all(archive.stat().st_mtime >= s.stat().st_mtime for s in sources)
+
+
+def delete_adapter(artifacts_dir: Path, adapter_rels: Iterable[str], archive_rel: str) -> None:
+    """Remove an adapter's directory and its `.tar.gz` from the store; whatever is already gone is skipped.
+
+    Every path is checked before anything is removed.
+
+    Args:
+        artifacts_dir: the artifact store root.
+        adapter_rels: the adapter's directory, relative to artifacts_dir, as each row records it
+            (the job's and the model's rows name the same one).
+        archive_rel: its archive, relative to artifacts_dir.
+
+    Raises:
+        UnsafePath: a path escapes artifacts_dir, or is not one adapter's directory: it holds the
+            archive or a subdirectory (PEFT saves one adapter flat), as the job's directory, its
+            `checkpoints/` or the whole store would. A bad row must never remove more than that.
+        OSError: a file could not be removed.
+    """
+    root = Path(artifacts_dir).resolve()
+    archive = resolve_under(root, archive_rel)
+    dirs = {resolve_under(root, rel) for rel in adapter_rels}
+    for d in dirs:
+        if d == root or d in archive.parents or (d.is_dir() and any(c.is_dir() for c in d.iterdir())):
+            raise UnsafePath(f"refusing to delete {str(d)!r}: it is not one adapter directory")
+    # The archive first: once the directory is gone, adapter_archive() would still serve it.
+    archive.unlink(missing_ok=True)
+    for d in dirs:
+        if d.is_dir():
+            shutil.rmtree(d)
+        else:
+            d.unlink(missing_ok=True)
+    log.info("deleted adapter %s and its archive %s", ", ".join(map(str, sorted(dirs))), archive)

@@ -27,7 +27,7 @@ from api.schemas import (CheckpointList, CheckpointObject, ErrorResponse, JobEve
                          JobEventObject)
 from service.database import session_scope
 from service.db import FINISHED_STATUSES, Checkpoint, Job, JobEvent
-from service.storage import ArtifactMissing, UnsafePath, adapter_archive, resolve_under
+from service.storage import ArtifactMissing, UnsafePath, adapter_archive, job_archive_rel, resolve_under
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
                    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
@@ -145,12 +145,19 @@ def _send_archive(settings_artifacts, adapter_rel: str, cache_rel: str, download
 
 @router.get("/{job_id}/adapter", response_class=FileResponse, responses={**_TARGZ, 410: {"model": ErrorResponse}})
 def download_adapter(job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> FileResponse:
-    """The final LoRA adapter of a succeeded job (`peft.PeftModel.from_pretrained` loads it)."""
+    """The final LoRA adapter of a succeeded job (`peft.PeftModel.from_pretrained` loads it).
+
+    410 `model_deleted` once the job's fine-tuned model was deleted.
+    """
     job = get_job(session, principal.tenant_id, job_id)
+    if job.status == "succeeded" and not job.adapter_path:  # See service/db.py, Job.adapter_path
+        raise APIError(410, f"The fine-tuned model {job.fine_tuned_model} of job {job_id} was deleted "
+                       "(DELETE /v1/models), and its adapter with it; the job's checkpoints keep theirs.",
+                       param="fine_tuning_job_id", code="model_deleted")
     if job.status != "succeeded" or not job.adapter_path:
         raise bad_request(f"Job {job_id} has status {job.status!r}; its adapter is available once it has succeeded.",
                           param="fine_tuning_job_id", code="adapter_not_ready")
-    return _send_archive(settings.artifacts_dir, job.adapter_path, f"jobs/{job.id}/adapter.tar.gz",
+    return _send_archive(settings.artifacts_dir, job.adapter_path, job_archive_rel(job.id),
                          f"{job.id}-adapter.tar.gz", f"job {job_id}")
 
 

@@ -8,10 +8,15 @@ test's data dir): no worker consumes them here, and none is needed to test what 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -79,6 +84,31 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         yield c
+
+
+@pytest.fixture()
+def server(settings: Settings, alice: Tenant) -> Iterator[str]:
+    """The app under a live uvicorn on a free port, for the official `openai` SDK: its base URL."""
+    from service.probe import free_port
+
+    port = free_port()
+    env = {**os.environ, "QLORA_DATA_DIR": str(settings.data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("uvicorn did not start")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def upload(client: TestClient, tenant: Tenant, content: bytes, filename: str = "train.jsonl",

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from qlora_core.store import BUNDLED_MODEL_ID
 from service.database import session_scope
-from service.db import Checkpoint, Job, JobEvent, new_id
+from service.db import Checkpoint, Job, JobEvent, Model, Tenant, new_id
 from tests.api.conftest import assert_error, jsonl, upload
 
 
@@ -39,8 +39,9 @@ def _finish(settings, job_id: str, steps: int = 3) -> list[str]:
 
     The rows and files a worker writes for a job that trained `steps` steps are written straight
     into the database and the artifacts dir: `steps` metrics events, checkpoints at steps 2 and 3
-    with their adapter directories, the final adapter, and the job row set to `succeeded` with
-    `fine_tuned_model`, `finished_at` and `trained_tokens`. The adapters hold marker bytes, not
+    with their adapter directories, the final adapter, the job row set to `succeeded` with
+    `fine_tuned_model` (named as worker/training.py names it), `finished_at` and `trained_tokens`,
+    and the tenant's `models` row for it. The adapters hold marker bytes, not
     weights. Enough for tests of what the API serves from those rows (listing, paging, tenancy,
     downloads); the real worker writing them is tested end to end in tests/e2e.
 
@@ -49,7 +50,8 @@ def _finish(settings, job_id: str, steps: int = 3) -> list[str]:
     """
     ckpts = []
     with session_scope(settings.database_url) as s:
-        tenant_id = s.scalar(select(Job.tenant_id).where(Job.id == job_id))
+        tenant_id, tenant_name = s.execute(select(Job.tenant_id, Tenant.name).join(Tenant, Tenant.id == Job.tenant_id)
+                                           .where(Job.id == job_id)).one()
         for step in range(1, steps + 1):
             s.add(JobEvent(id=new_id("ftevent"), job_id=job_id, type="metrics", message=f"Step {step}/{steps}",
                            data={"step": step, "train_loss": 2.0 / step}, dedup_key=f"metrics:{step}"))
@@ -61,9 +63,15 @@ def _finish(settings, job_id: str, steps: int = 3) -> list[str]:
             s.add(Checkpoint(id=cid, job_id=job_id, tenant_id=tenant_id, step_number=step,
                              metrics={"step": step, "train_loss": 1.0}, fine_tuned_model_checkpoint=f"ft:x:ckpt-step-{step}",
                              adapter_path=rel))
-        _write_adapter(Path(settings.artifacts_dir) / f"jobs/{job_id}/adapter", b"final")
-        s.execute(update(Job).where(Job.id == job_id).values(status="succeeded", adapter_path=f"jobs/{job_id}/adapter",
-                                                           fine_tuned_model="ft:x:y", finished_at=1, trained_tokens=99))
+        final = f"jobs/{job_id}/adapter"
+        _write_adapter(Path(settings.artifacts_dir) / final, b"final")
+        ft = f"ft:{BUNDLED_MODEL_ID}:{tenant_name}::{job_id.split('-', 1)[-1]}"
+        s.execute(update(Job).where(Job.id == job_id).values(status="succeeded", adapter_path=final,
+                                                           fine_tuned_model=ft, finished_at=1, trained_tokens=99))
+        # created_at is left to its default (now), unlike the worker's (= finished_at): the API's
+        # `created` must come from the job (tests/api/test_models.py).
+        s.add(Model(id=ft, tenant_id=tenant_id, kind="fine_tuned", base_model=BUNDLED_MODEL_ID, job_id=job_id,
+                    artifact_path=final, owned_by=tenant_id))
     return ckpts
 
 

@@ -1,45 +1,16 @@
 """The official `openai` SDK against a live uvicorn: files and fine-tuning jobs, unchanged client code.
 
 No worker runs here (jobs stay `validating_files` until cancelled); the worker tests train
-end to end. Jobs go to the real embedded broker.
+end to end. Jobs go to the real embedded broker. The live server is conftest.py's `server`.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
-import httpx
 import openai
 import pytest
 
 from qlora_core.store import BUNDLED_MODEL_ID
-from service.probe import free_port
 from tests.api.conftest import jsonl
-
-
-@pytest.fixture()
-def server(settings, alice):
-    port = free_port()
-    env = {**os.environ, "QLORA_DATA_DIR": str(settings.data_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"], env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("uvicorn did not start")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_sdk_files_and_jobs_round_trip(server, alice, bob, tmp_path):

@@ -6,7 +6,7 @@ from sqlalchemy import update
 
 from qlora_core.store import BUNDLED_MODEL_ID
 from service.database import session_scope
-from service.db import Job, Model
+from service.db import Job
 from tests.api.conftest import assert_error, jsonl, upload
 from tests.api.test_job_outputs import _finish
 
@@ -19,22 +19,20 @@ def test_other_tenants_objects_are_404_everywhere(client, alice, bob, settings):
     # is trained): every endpoint below then has a real object to refuse to bob, and tenancy is a
     # property of the rows, not of how a worker made them.
     ckpts = _finish(settings, jid)
-    with session_scope(settings.database_url) as s:
-        tenant = s.get_one(Job, 1).tenant_id
-        s.add(Model(id="ft:SmolLM2:alice:demo:abc", tenant_id=tenant, kind="fine_tuned", base_model=BUNDLED_MODEL_ID,
-                    job_id=jid, owned_by=tenant))
+    ft = client.get(f"/v1/fine_tuning/jobs/{jid}", headers=alice.headers).json()["fine_tuned_model"]
     own = [
         ("GET", f"/v1/files/{fid}"), ("GET", f"/v1/files/{fid}/content"),
         ("GET", f"/v1/fine_tuning/jobs/{jid}"), ("GET", f"/v1/fine_tuning/jobs/{jid}/events"),
         ("GET", f"/v1/fine_tuning/jobs/{jid}/checkpoints"), ("GET", f"/v1/fine_tuning/jobs/{jid}/adapter"),
         ("GET", f"/v1/fine_tuning/jobs/{jid}/checkpoints/{ckpts[0]}/adapter"),
-        ("GET", "/v1/models/ft:SmolLM2:alice:demo:abc"),
+        ("GET", f"/v1/models/{ft}"),
     ]
     for method, path in own:
         assert client.request(method, path, headers=alice.headers).status_code == 200, path
         assert_error(client.request(method, path, headers=bob.headers), 404)
     assert_error(client.post(f"/v1/fine_tuning/jobs/{jid}/cancel", headers=bob.headers), 404)
     assert_error(client.delete(f"/v1/files/{fid}", headers=bob.headers), 404)
+    assert_error(client.delete(f"/v1/models/{ft}", headers=bob.headers), 404, "model_not_found")
     assert_error(client.get(f"/v1/fine_tuning/jobs/{jid}/events", headers=bob.headers, params={"stream": "true"}), 404)
     # bob cannot train on alice's file, nor use her ids as cursors
     assert_error(client.post("/v1/fine_tuning/jobs", headers=bob.headers,
