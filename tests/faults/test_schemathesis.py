@@ -49,6 +49,11 @@ def run_schemathesis(base: str, key: str, workdir: Path, name: str, config: str 
            "-H", f"Authorization: Bearer {key}", "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
            "--checks", CHECKS, "--phases", "examples,coverage,fuzzing", "--workers", "1",
            "--generation-database", "none", "--request-timeout", "30", "--report", "har",
+           # With GET and DELETE on /v1/models/{model_id} (a `:path` id, any string) the fuzzer's
+           # generator discards too many of its own draws for that path and stops the run with a
+           # health check on the generator, not on our answers; every request it does send is
+           # still checked.
+           "--suppress-health-check", "filter_too_much",
            "--report-har-path", str(report)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=workdir)
     out = proc.stdout + proc.stderr
