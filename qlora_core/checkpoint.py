@@ -13,19 +13,15 @@ into place and the parent fsynced (the classic write-temp-then-rename recipe): a
 any instant leaves either a complete checkpoint or a temp dir that `latest_checkpoint` ignores.
 This answers the QLoRA repository's most frequent complaints, "resume from checkpoint" and
 "empty adapter files": we refuse to publish an adapter file that holds no LoRA tensors.
-A published checkpoint is never replaced, and a writer that may have lost the run to another
-process asks before it publishes (See Note: publishing under a lease).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,36 +38,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
-# `.tmp-<what>-t<token>-<pid>`, or `.tmp-<what>-<pid>` when the writer has no fencing token
-_TMP_TOKEN = re.compile(r"-t(\d+)-\d+$")
-
-# Note: publishing under a lease. The service may run one job in two processes at once: a
-# holder frozen past its lease (SIGSTOP, a paused VM) wakes up while the worker that took the job
-# over trains it. The engine cannot know who holds the job, so the caller tells it in two ways:
-#   * a fencing token (the attempt number of the caller's lease; higher is newer) that every temp
-#     dir of the run carries in its name with the pid, so that no two writers share a temp dir and
-#     a run's start-up cleanup removes only the temp dirs of earlier tokens: the new holder
-#     removes the frozen one's half-written dir, a frozen holder never removes the new one's;
-#   * `may_publish`, asked after the temp dir is complete and fsynced, immediately before the
-#     rename; False (or an exception, such as the worker's LeaseLost) discards the temp dir.
-# And a rename never replaces a published dir: renaming a directory onto a non-empty one fails
-# (ENOTEMPTY/EEXIST), so whichever writer publishes a step first stands and the other discards
-# its copy. What remains is the instant between `may_publish` and the rename: a holder frozen
-# exactly there and woken after the takeover still renames. What it publishes is complete (the
-# temp dir was fsynced before the check) and, since a run is deterministic (See Note: exact
-# resume in qlora_core/train.py), holds the adapter, optimizer, scheduler, RNG and data position
-# that the new holder computes for that step; only the wall-clock `elapsed_s` in its metrics
-# history differs (and, resumed on another kind of device, it differs as any such resume does).
-# The new holder then keeps that copy instead of its own, and nothing published is ever replaced
-# under a reader.
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or adapter could not be written or read back."""
-
-
-class NotPublished(RuntimeError):
-    """`may_publish` refused: the write was discarded and nothing was published."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -98,37 +68,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def temp_dir_name(name: str, token: int | None) -> str:
-    """The hidden temp dir this process builds `name` in: unique to the process and its fencing token."""
-    return f"{_TMP_PREFIX}{name}-{'' if token is None else f't{token}-'}{os.getpid()}"
-
-
-def temp_dir_token(name: str) -> int | None:
-    """The fencing token a temp dir's name carries (None: written without one)."""
-    match = _TMP_TOKEN.search(name)
-    return int(match.group(1)) if match else None
-
-
-def remove_stale_temp_dirs(output_dir: str | Path, token: int | None = None) -> int:
-    """Delete temp dirs left by writers that died or were superseded mid-write.
-
-    Args:
-        output_dir: the run's output dir.
-        token: this run's fencing token. None: the run is the only writer, every temp dir is
-            stale. Otherwise only temp dirs of lower tokens (or of none) are removed: a newer
-            writer's are never touched (See Note: publishing under a lease).
-
-    Returns:
-        How many were removed.
-    """
+def remove_stale_temp_dirs(output_dir: str | Path) -> int:
+    """Delete temp dirs left by a process that died mid-write; returns how many were removed."""
     n = 0
     for parent in (Path(output_dir) / CHECKPOINTS, Path(output_dir)):
         if parent.is_dir():
             for child in parent.iterdir():
-                if not (child.name.startswith(_TMP_PREFIX) and child.is_dir()):
-                    continue
-                theirs = temp_dir_token(child.name)
-                if token is None or theirs is None or theirs < token:
+                if child.name.startswith(_TMP_PREFIX) and child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
                     n += 1
     return n
@@ -150,38 +96,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, final: Path, marker: str, token: int | None, may_publish: Callable[[], bool] | None) -> bool:
-    """fsync `tmp` and rename it to `final`, unless `final` is already published.
-
-    See Note: publishing under a lease. A `final` without `marker` was never published (this
-    module renames only complete dirs; it was made by hand): it is moved aside and replaced.
-
-    Returns:
-        True when `tmp` became `final`; False when a published `final` stands and `tmp` was removed.
-
-    Raises:
-        NotPublished: `may_publish()` returned False.
-    """
+def _publish(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, rename it to `final` (replacing an older copy) and fsync the parent."""
     _fsync_tree(tmp)
-    if may_publish is not None and not may_publish():
-        raise NotPublished(f"{final} not published: the caller may no longer write it")
-    if final.exists() and not (final / marker).is_file():
-        old = final.with_name(temp_dir_name(f"old-{final.name}", token))
-        try:
-            os.rename(final, old)
-        except FileNotFoundError:  # another writer moved it first
-            pass
-        shutil.rmtree(old, ignore_errors=True)
-    try:
+    if final.exists():
+        # Only reachable when re-running from an older checkpoint; the new copy is authoritative.
+        old = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
         os.rename(tmp, final)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("%s was already published; keeping it (See Note: publishing under a lease)", final)
-        return False
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     _fsync_dir(final.parent)
-    return True
 
 
 def _save_adapter_files(model: torch.nn.Module, directory: Path) -> None:
@@ -199,71 +125,48 @@ def _save_adapter_files(model: torch.nn.Module, directory: Path) -> None:
         raise CheckpointError(f"{weights} holds {n_lora} LoRA tensors, expected {expected} (empty adapter)")
 
 
-def save_checkpoint(
-    model: torch.nn.Module,
-    output_dir: str | Path,
-    step: int,
-    state: dict[str, Any],
-    token: int | None = None,
-    may_publish: Callable[[], bool] | None = None,
-) -> Path:
-    """Write `output_dir/checkpoints/step-XXXXXXXX` atomically; never replace a published one.
+def save_checkpoint(model: torch.nn.Module, output_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
+    """Write `output_dir/checkpoints/step-XXXXXXXX` atomically.
 
     Args:
         model: the PEFT model; only its adapter is saved.
         output_dir: the run's output dir.
         step: the optimizer step just completed.
         state: everything else needed to resume (see `train.py`); saved with `torch.save`.
-        token: the writer's fencing token, carried by its temp dir's name.
-        may_publish: asked immediately before the rename (See Note: publishing under a lease).
 
     Returns:
-        The checkpoint dir: this write, or the copy of that step another writer published first.
+        The final checkpoint dir.
 
     Raises:
         CheckpointError: if the adapter file would be empty.
-        NotPublished: if `may_publish()` returned False; nothing is left behind.
     """
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / temp_dir_name(final.name, token)
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         _save_adapter_files(model, tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / COMPLETE).write_text(f"{step}\n")
-        if _publish(tmp, final, COMPLETE, token, may_publish):
-            logger.info("checkpoint %s written", final)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    logger.info("checkpoint %s written", final)
     return final
 
 
-def save_adapter(
-    model: torch.nn.Module,
-    output_dir: str | Path,
-    token: int | None = None,
-    may_publish: Callable[[], bool] | None = None,
-) -> Path:
-    """Write the final adapter to `output_dir/adapter` atomically and return that path.
-
-    `token` and `may_publish` are those of `save_checkpoint`; an adapter already published
-    stands (See Note: publishing under a lease).
-
-    Raises:
-        CheckpointError: if the adapter file would be empty.
-        NotPublished: if `may_publish()` returned False; nothing is left behind.
-    """
+def save_adapter(model: torch.nn.Module, output_dir: str | Path) -> Path:
+    """Write the final adapter to `output_dir/adapter` atomically and return that path."""
     final = Path(output_dir) / ADAPTER
-    tmp = Path(output_dir) / temp_dir_name(ADAPTER, token)
+    tmp = Path(output_dir) / f"{_TMP_PREFIX}{ADAPTER}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         _save_adapter_files(model, tmp)
-        _publish(tmp, final, ADAPTER_WEIGHTS, token, may_publish)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,9 +26,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +106,7 @@ class TrainingError(RuntimeError):
 
 
 class TrainingCallback:
-    """Receives a run's progress. A plain base class with no-op methods: override what you need.
-
-    A method may raise to end the run at once: `train` lets the exception through (the worker
-    raises LeaseLost this way), after removing a half-written checkpoint.
-    """
+    """Receives a run's progress. A plain base class with no-op methods: override what you need."""
 
     def on_message(self, level: str, message: str) -> None:
         """A human-readable note; `level` is "info", "warn" or "error" (OpenAI event levels)."""
@@ -129,15 +123,6 @@ class TrainingCallback:
     def should_stop(self, step: int) -> bool:
         """Asked before every optimizer step with the number of steps done; True stops the run."""
         return False
-
-    def may_write(self, step: int) -> bool:
-        """Asked immediately before the run writes a checkpoint of `step` or its final adapter into
-        `output_dir`, again immediately before it publishes that write (the rename into place), and
-        after a write failed. False: another process owns `output_dir` now; the run discards the
-        write and stops (status "stopped", without a message). See Note: publishing under a lease
-        in qlora_core/checkpoint.py.
-        """
-        return True
 
 
 @dataclass
@@ -173,7 +158,6 @@ def train(
     valid_file: str | Path | None = None,
     callback: TrainingCallback | None = None,
     resume: bool = True,
-    fencing_token: int | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter on a 4-bit base model.
 
@@ -185,14 +169,9 @@ def train(
         valid_file: optional JSONL validation data, evaluated every `eval_steps`.
         callback: progress sink; `TrainingCallback()` when None.
         resume: continue from the latest complete checkpoint in `output_dir`, if any.
-        fencing_token: when several processes may write `output_dir` at once, this run's rank
-            among them (higher is newer; the worker passes its lease's attempt): its temp dirs
-            carry it, and its start-up cleanup removes only those of lower tokens. None: this run
-            is the only writer. See Note: publishing under a lease in qlora_core/checkpoint.py.
 
     Returns:
-        A `TrainResult`; `status="stopped"` (and no final adapter) if `should_stop` said so or
-        `may_write` refused a write.
+        A `TrainResult`; `status="stopped"` (and no final adapter) if `should_stop` said so.
 
     Raises:
         ValueError: if `config` is invalid.
@@ -205,7 +184,7 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _HeapTrimmer(on_cpu=not torch.cuda.is_available()):
-            return _run(Path(model_dir), Path(train_file), output_dir, config, valid_file, cb, resume, fencing_token)
+            return _run(Path(model_dir), Path(train_file), output_dir, config, valid_file, cb, resume)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(_oom_advice(config, exc)) from exc
     except RuntimeError as exc:
@@ -227,13 +206,12 @@ def _run(
     valid_file: str | Path | None,
     cb: TrainingCallback,
     resume: bool,
-    token: int | None,
 ) -> TrainResult:
     from qlora_core import data, models
 
     # ---- setup --------------------------------------------------------------------------------
     seed_everything(config.seed)
-    ckpt.remove_stale_temp_dirs(output_dir, token)  # See Note: publishing under a lease
+    ckpt.remove_stale_temp_dirs(output_dir)
     choice = resolve_compute_dtype(config.compute_dtype, default_device())
     cb.on_message("warn" if choice.emulated else "info", choice.reason)
     compute_dtype = choice.dtype
@@ -278,7 +256,7 @@ def _run(
             model_config, config.lora_r, compute_dtype, config.target_modules, config.fused_layers
         )
         cb.on_message("info", f"checkpoint_fraction not set: checkpointing {fraction:.0%} of the decoder layers, "
-                              "spending on the rest memory the chunked loss saves (qlora_core.quant.auto_checkpoint_fraction)")  # fmt: skip
+                              "spending half the memory the chunked loss saves on the rest")  # fmt: skip
     model = models.load_quantized_model(
         model_dir, quant_type=config.quant_type, double_quant=config.double_quant, compute_dtype=compute_dtype
     )
@@ -403,42 +381,13 @@ def _run(
 
             # ---- checkpoint -----------------------------------------------------------------
             if step in plan.checkpoint_steps:
-                saved_state = _checkpoint_state(state, optimizer, scheduler, config, compute_dtype, scaler)
-                path = _write(cb, step, partial(ckpt.save_checkpoint, model, output_dir, step, saved_state, token))
-                if path is None:
-                    return _result("stopped", step, plan, state, output_dir, None)
+                path = ckpt.save_checkpoint(model, output_dir, step, _checkpoint_state(state, optimizer, scheduler, config, compute_dtype, scaler))
                 cb.on_checkpoint(step, path, metrics)
 
     # ---- cleanup / final adapter ----------------------------------------------------------------
-    adapter_dir = _write(cb, step, partial(ckpt.save_adapter, model, output_dir, token))
-    if adapter_dir is None:
-        return _result("stopped", step, plan, state, output_dir, None)
+    adapter_dir = ckpt.save_adapter(model, output_dir)
     cb.on_message("info", f"training complete: {step} steps, {state['trained_tokens']} tokens; adapter at {adapter_dir}")
     return _result("completed", step, plan, state, output_dir, adapter_dir)
-
-
-def _write(cb: TrainingCallback, step: int, save: Callable[[Callable[[], bool]], Path]) -> Path | None:
-    """Run `save(may_publish)` only while `cb.may_write(step)` allows it.
-
-    Asked before the write starts, before its rename (inside `save`) and after a failed write,
-    which a process that may no longer write does not report as its own failure: the new
-    owner of `output_dir` may have removed its temp dir (See Note: publishing under a lease in
-    qlora_core/checkpoint.py).
-
-    Returns:
-        The published dir, or None when the run may no longer write (nothing was published).
-    """
-    if not cb.may_write(step):
-        return None
-    try:
-        return save(lambda: cb.may_write(step))
-    except ckpt.NotPublished:
-        return None
-    except Exception:
-        if not cb.may_write(step):
-            logger.warning("a write at step %d failed after this run lost output_dir to another process", step)
-            return None
-        raise
 
 
 # Note: exact resume. A checkpoint taken after optimizer step k holds the adapter, the optimizer

@@ -3,9 +3,7 @@
 Torch-free, so the task module, the reconciler and the tests can all use it. Metrics events carry
 `dedup_key = "metrics:<step>"`; the table's unique constraint (job_id, dedup_key) turns a step
 replayed after a resume into a no-op, giving "exactly one metrics event per logged step" (the
-INSERT ... ON CONFLICT DO NOTHING idea, done portably: a look-up under the job row's lock for
-the lease holder's writes, which are serialised by it (See Note: fencing tokens in
-worker/lease.py), and a caught IntegrityError for everyone else).
+INSERT ... ON CONFLICT DO NOTHING idea, done portably by catching the IntegrityError).
 """
 
 from __future__ import annotations
@@ -13,11 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Engine, insert
 from sqlalchemy.exc import IntegrityError
 
 from service.db import JobEvent, new_id, now
-from worker.lease import Lease, LeaseLost, fence
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +48,6 @@ def event_values(
     }
 
 
-def insert_event(conn: Connection, row: dict[str, Any]) -> bool:
-    """Insert one event row (`event_values`) in the caller's transaction, unless its dedup_key is
-    already recorded for the job; the look-up is race-free when the caller holds the job row
-    (`worker.lease.fence`), as every lease holder's write does.
-
-    Returns:
-        True when the event was inserted, False when its dedup_key had already been recorded.
-    """
-    if row.get("dedup_key") is not None:
-        seen = conn.execute(
-            select(_events.c.id).where(_events.c.job_id == row["job_id"], _events.c.dedup_key == row["dedup_key"])
-        ).first()
-        if seen is not None:
-            return False
-    conn.execute(insert(_events).values(**row))
-    return True
-
-
 def add_event(
     engine: Engine,
     job_id: str,
@@ -77,7 +56,6 @@ def add_event(
     type: str = "message",
     data: dict[str, Any] | None = None,
     dedup_key: str | None = None,
-    lease: Lease | None = None,
 ) -> bool:
     """Append one event to a job's timeline.
 
@@ -89,23 +67,17 @@ def add_event(
         type: "message" | "metrics".
         data: the event's `data` object (metrics events: step, train_loss, ...).
         dedup_key: when set, a second event with the same key for this job is dropped.
-        lease: the writer's lease on the job; the event is written only while it holds the job
-            (See Note: fencing tokens in worker/lease.py). None: written unconditionally.
 
     Returns:
         True when the event was written, False when `dedup_key` had already been recorded.
-
-    Raises:
-        LeaseLost: `lease` no longer holds the job; nothing was written.
     """
     row = event_values(job_id, message, level, type, data, dedup_key)
     try:
         with engine.begin() as conn:
-            if lease is not None and not fence(conn, lease):
-                raise LeaseLost(f"job {job_id} was taken over by another worker; event not written: {message}")
-            return insert_event(conn, row)
+            conn.execute(insert(_events).values(**row))
     except IntegrityError:
         if dedup_key is None:
             raise
         log.debug("event %s of %s already recorded", dedup_key, job_id)
         return False
+    return True

@@ -4,7 +4,6 @@ callbacks into job events, checkpoint rows, progress and cooperative cancellatio
 `qlora_core` knows nothing of the service (it imports neither api nor worker); the worker hands
 `train()` this callback. It is the job-side half of Together's fine-tuning progress
 (`steps_completed, total_steps, seconds_remaining`) and OpenAI's metrics events and checkpoints.
-Every row it writes is fenced by the run's lease (See Note: fencing tokens in worker/lease.py).
 Imported only inside a training child: `qlora_core.train` imports torch.
 """
 
@@ -14,18 +13,15 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from qlora_core.train import TrainingCallback
 from service.db import Checkpoint, Job, new_id, now
-from worker.events import event_values, insert_event
-from worker.lease import Lease, LeaseLost, fence, renew
+from worker.events import add_event
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +31,10 @@ _checkpoints = Checkpoint.__table__
 # should_stop is asked every optimizer step; the database at most once per this many seconds.
 CANCEL_POLL_S = 1.0
 METRIC_KEYS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+class LeaseLost(RuntimeError):
+    """This process no longer holds the job's lease: another worker took the job over."""
 
 
 class LeaseKeeper(threading.Thread):
@@ -47,33 +47,29 @@ class LeaseKeeper(threading.Thread):
     # paused by its host) wakes up in the middle of a step with its lease already taken over. The
     # keeper thread and the training thread resume together, so waiting for the keeper's next
     # renewal would let the training thread publish the step it was in: a metrics event and a
-    # checkpoint written beside the new holder's. `confirm()` narrows that window: when the last
+    # checkpoint written beside the new holder's. `confirm()` closes that window: when the last
     # good renewal is older than two heartbeats, it renews synchronously before the caller
-    # writes anything, and reports the lease lost if that fails. A renewal counts from the moment
-    # it was sent, not answered: a process frozen while waiting for the answer must not wake up
-    # believing in a lease that expired meanwhile. A check cannot close the window (the process
-    # may freeze right after it); the writes themselves are fenced (See Note: fencing tokens in
-    # worker/lease.py) and so are the engine's renames (See Note: publishing under a lease).
+    # writes anything, and reports the lease lost if that fails.
     """
 
-    def __init__(self, engine: Engine, lease: Lease, lease_s: int, heartbeat_s: float) -> None:
-        super().__init__(name=f"lease-{lease.job_id}", daemon=True)
-        self.engine, self.lease = engine, lease
-        self.job_id, self.owner = lease.job_id, lease.owner
+    def __init__(self, engine: Engine, job_id: str, owner: str, lease_s: int, heartbeat_s: float) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.engine, self.job_id, self.owner = engine, job_id, owner
         self.lease_s, self.heartbeat_s = lease_s, heartbeat_s
         self.lost = threading.Event()
         self._stop_event = threading.Event()
         self.last_renewed = time.monotonic()  # the lease was just acquired
 
     def run(self) -> None:
+        from worker.lease import renew
+
         while not self._stop_event.wait(self.heartbeat_s):
-            sent = time.monotonic()
             try:
-                if not renew(self.engine, self.lease, self.lease_s):
+                if not renew(self.engine, self.job_id, self.owner, self.lease_s):
                     log.warning("lost the lease on %s", self.job_id)
                     self.lost.set()
                     return
-                self.last_renewed = sent
+                self.last_renewed = time.monotonic()
             except SQLAlchemyError as e:  # a database blip: keep trying until the lease actually expires
                 log.warning("lease renewal of %s failed: %s", self.job_id, e)
             except Exception:  # a bug: stop the run rather than train on without a lease
@@ -81,27 +77,24 @@ class LeaseKeeper(threading.Thread):
                 self.lost.set()
                 return
 
-    def confirm(self, sync: bool = False) -> bool:
-        """True while this process still holds the lease; see Note: stalled holders.
+    def confirm(self) -> bool:
+        """True while this process still holds the lease; see Note: stalled holders."""
+        from worker.lease import renew
 
-        Args:
-            sync: ask the database even when the last renewal is recent (before a write that no
-                database transaction can fence, such as publishing a checkpoint).
-        """
         if self.lost.is_set():
             return False
-        sent = time.monotonic()
-        stale_for = sent - self.last_renewed
-        if not sync and stale_for <= 2 * self.heartbeat_s:
+        stale_for = time.monotonic() - self.last_renewed
+        if stale_for <= 2 * self.heartbeat_s:
             return True
         try:
-            if renew(self.engine, self.lease, self.lease_s):
-                self.last_renewed = max(self.last_renewed, sent)
-                return True
+            held = renew(self.engine, self.job_id, self.owner, self.lease_s)
         except SQLAlchemyError as e:  # cannot tell: hold on until the lease would have expired
             log.warning("lease check of %s failed: %s", self.job_id, e)
-            return stale_for <= self.lease_s
-        log.warning("lost the lease on %s (last renewed %.0f s ago)", self.job_id, stale_for)
+            held = stale_for <= self.lease_s
+        if held:
+            self.last_renewed = time.monotonic()
+            return True
+        log.warning("lost the lease on %s (this process stalled for %.0f s)", self.job_id, stale_for)
         self.lost.set()
         return False
 
@@ -112,18 +105,13 @@ class LeaseKeeper(threading.Thread):
 class DbCallback(TrainingCallback):
     """Records a training run in the job's rows; see the module docstring.
 
-    Every write is conditioned, in its own transaction, on `lease` still holding the job; when it
-    does not, the callback raises LeaseLost, which ends `train` at once (See Note: fencing tokens
-    in worker/lease.py).
-
     Args:
         engine: the service database.
         job_id: the job being trained.
         fine_tuned_model: the job's model name, prefix of every checkpoint's name.
         tenant_id: owner of the checkpoints.
         artifacts_dir: root that checkpoint paths are stored relative to.
-        lease: the LeaseKeeper of this run (its `lost` flag stops training); None: no lease, the
-            writes are unconditional.
+        lease: the LeaseKeeper of this run (its `lost` flag stops training).
         deadline: Unix time after which `should_stop` stops the run (job time limit).
     """
 
@@ -150,20 +138,18 @@ class DbCallback(TrainingCallback):
 
     # --- TrainingCallback -------------------------------------------------------------------
     def on_message(self, level: str, message: str) -> None:
-        level = level if level in ("info", "warn", "error") else "info"
-        with self._holding() as conn:
-            insert_event(conn, event_values(self.job_id, message, level=level))
+        add_event(self.engine, self.job_id, message, level=level if level in ("info", "warn", "error") else "info")
 
     def on_start(self, info: dict) -> None:
         self.total_steps = int(info.get("total_steps") or 0)
         self.first_step = int(info.get("resumed_from_step") or 0)
         self.t_start = time.monotonic()
         progress = {"steps_completed": self.first_step, "total_steps": self.total_steps, "seconds_remaining": None}
-        with self._holding() as conn:
+        with self.engine.begin() as conn:
             conn.execute(update(_jobs).where(_jobs.c.id == self.job_id).values(progress=progress))
 
     def on_metrics(self, step: int, metrics: dict) -> None:
-        self._check_lease()  # renews at once after a stall (See Note: stalled holders)
+        self._check_lease()  # before anything of this step is published (See Note: stalled holders)
         if self.first_step_at is None:
             self.first_step_at = time.time()
         data: dict[str, Any] = {"step": step}
@@ -174,7 +160,7 @@ class DbCallback(TrainingCallback):
         message = f"Step {step}/{self.total_steps}: training loss={data.get('train_loss', float('nan')):.4f}"
         if "valid_loss" in data:
             message += f", validation loss={data['valid_loss']:.4f}"
-        event = event_values(self.job_id, message, type="metrics", data=data, dedup_key=f"metrics:{step}")
+        add_event(self.engine, self.job_id, message, type="metrics", data=data, dedup_key=f"metrics:{step}")
         remaining = self._seconds_remaining(step)
         progress = {"steps_completed": step, "total_steps": self.total_steps, "seconds_remaining": remaining}
         values: dict[str, Any] = {"progress": progress}
@@ -182,12 +168,11 @@ class DbCallback(TrainingCallback):
             values["estimated_finish"] = now() + remaining
         if metrics.get("trained_tokens") is not None:
             values["trained_tokens"] = int(metrics["trained_tokens"])
-        # One transaction: a reader sees a step's metrics event and progress together or neither.
-        with self._holding() as conn:
-            insert_event(conn, event)
+        with self.engine.begin() as conn:
             conn.execute(update(_jobs).where(_jobs.c.id == self.job_id).values(**values))
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+        self._check_lease()
         path = Path(path)
         root = self.artifacts_dir.resolve()
         rel = path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else str(path)
@@ -203,21 +188,17 @@ class DbCallback(TrainingCallback):
             "state_path": (rel + "/state.pt") if state.exists() else None,
             "created_at": now(),
         }
-        with self._holding() as conn:
-            # The holder's writes are serialised by the row lock, so the look-up cannot race.
-            recorded = conn.execute(
-                select(_checkpoints.c.id).where(_checkpoints.c.job_id == self.job_id, _checkpoints.c.step_number == step)
-            ).first()
-            if recorded is None:
+        try:
+            with self.engine.begin() as conn:
                 conn.execute(insert(_checkpoints).values(**row))
-            else:  # a resumed run saved this step again: the first row stands
-                log.info("checkpoint step %d of %s already recorded", step, self.job_id)
+        except IntegrityError:  # a resumed run saved this step again: the first row stands
+            log.info("checkpoint step %d of %s already recorded", step, self.job_id)
 
     def should_stop(self, step: int) -> bool:
-        # A lost lease raises rather than returns True: the engine would record "stopped at step
-        # N" in a timeline that is no longer this process's to write.
-        self._check_lease()
         if self.stop_reason:
+            return True
+        if self.lease is not None and not self.lease.confirm():
+            self.stop_reason = "lease_lost"
             return True
         if time.time() > self.deadline:
             self.stop_reason = "time_limit"
@@ -235,36 +216,12 @@ class DbCallback(TrainingCallback):
             return True
         return False
 
-    def may_write(self, step: int) -> bool:
-        """Before a checkpoint or the adapter is written or published: the database says whether
-        this run still holds the job (See Note: publishing under a lease in qlora_core/checkpoint.py).
-
-        Raises:
-            LeaseLost: another worker took the job over.
-        """
-        self._check_lease(sync=True)
-        return True
-
     # --- helpers ----------------------------------------------------------------------------
-    def _check_lease(self, sync: bool = False) -> None:
+    def _check_lease(self) -> None:
         """Raise LeaseLost (ending `train` at once) when another worker has taken the job over."""
-        if self.lease is not None and not self.lease.confirm(sync=sync):
-            self._lease_lost()
-
-    def _lease_lost(self) -> NoReturn:
-        self.stop_reason = "lease_lost"
-        if self.lease is not None:
-            self.lease.lost.set()
-        raise LeaseLost(f"job {self.job_id} was taken over by another worker")
-
-    @contextmanager
-    def _holding(self) -> Iterator[Connection]:
-        """A transaction in which this run holds the job's row locked, or LeaseLost before any write."""
-        with self.engine.begin() as conn:
-            if self.lease is not None and not fence(conn, self.lease.lease):
-                log.warning("lost the lease on %s (found taken over at a write)", self.job_id)
-                self._lease_lost()
-            yield conn
+        if self.lease is not None and not self.lease.confirm():
+            self.stop_reason = "lease_lost"
+            raise LeaseLost(f"job {self.job_id} was taken over by another worker")
 
     def _seconds_remaining(self, step: int) -> int | None:
         done = step - self.first_step

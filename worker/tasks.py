@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine, select, update
 
@@ -27,10 +27,7 @@ from worker.app import app
 from worker.errors import JobFailed
 from worker.events import add_event, event_values
 from service.db import ACTIVE_STATUSES
-from worker.lease import Lease, LeaseLost, acquire, make_owner, release, transition
-
-if TYPE_CHECKING:
-    from worker.runner import LeaseKeeper
+from worker.lease import acquire, make_owner, release, transition
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +57,22 @@ def run_job_here(engine: Engine, settings: Settings, job_id: str, nodename: str)
     """
     from worker.runner import LeaseKeeper
 
-    lease = acquire(engine, job_id, make_owner(nodename), settings.lease_s)
-    if lease is None:
+    owner = make_owner(nodename)
+    if not acquire(engine, job_id, owner, settings.lease_s):
         log.info("job %s is finished or held by another worker; nothing to do", job_id)
         return "skipped"
-    keeper = LeaseKeeper(engine, lease, settings.lease_s, settings.heartbeat_s)
-    keeper.start()
+    lease = LeaseKeeper(engine, job_id, owner, settings.lease_s, settings.heartbeat_s)
+    lease.start()
     _set_current_job(engine, nodename, job_id)
     try:
-        return _execute(engine, settings, job_id, keeper)
+        return _execute(engine, settings, job_id, owner, lease)
     finally:
-        keeper.stop()
-        release(engine, lease)
+        lease.stop()
+        release(engine, job_id, owner)
         _set_current_job(engine, nodename, None)
 
 
-def _execute(engine: Engine, settings: Settings, job_id: str, keeper: LeaseKeeper) -> str:
-    """Validate, train and publish the job while `keeper` holds its lease; every write is fenced by
-    it (See Note: fencing tokens in worker/lease.py)."""
-    lease = keeper.lease
+def _execute(engine: Engine, settings: Settings, job_id: str, owner: str, lease: Any) -> str:
     job = _load(engine, job_id)
     try:
         if job.attempts > MAX_ATTEMPTS:
@@ -88,25 +82,25 @@ def _execute(engine: Engine, settings: Settings, job_id: str, keeper: LeaseKeepe
                 "If the worker ran out of memory, lower batch_size, max_seq_length or lora_r.",
             )
         if job.cancel_requested_at is not None:
-            return _finish_cancelled(engine, lease)
+            return _finish_cancelled(engine, job_id, owner)
         if job.status == "validating_files":
             from worker.validation import validate_job_files
 
-            validate_job_files(engine, settings, job,
-                               lambda msg, lvl="info": add_event(engine, job_id, msg, level=lvl, lease=lease))
+            validate_job_files(engine, settings, job, lambda msg, lvl="info": add_event(engine, job_id, msg, level=lvl))
             validated = event_values(job_id, "Files validated, moving job to queued state")
-            if not transition(engine, lease, ("validating_files",), "queued", events=[validated]):
+            if not transition(engine, job_id, owner, ("validating_files",), "queued", events=[validated]):
                 return _status(engine, job_id)
         started = job.started_at or int(time.time())
         resumed = job.status == "running"
         started_event = event_values(job_id, "Fine-tuning job resumed" if resumed else "Fine-tuning job started")
-        if not transition(engine, lease, ("queued", "running"), "running", started_at=started, events=[started_event]):
+        if not transition(engine, job_id, owner, ("queued", "running"), "running", started_at=started,
+                          events=[started_event]):
             return _status(engine, job_id)
         from worker.training import train_job
 
-        outcome = train_job(engine, settings, _load(engine, job_id), keeper, deadline=started + settings.job_time_limit_s)
+        outcome = train_job(engine, settings, _load(engine, job_id), owner, lease, deadline=started + settings.job_time_limit_s)
         if outcome == "cancelled":
-            return _finish_cancelled(engine, lease)
+            return _finish_cancelled(engine, job_id, owner)
         if outcome == "time_limit":
             raise JobFailed(
                 "time_limit_exceeded",
@@ -114,24 +108,14 @@ def _execute(engine: Engine, settings: Settings, job_id: str, keeper: LeaseKeepe
                 "(QLORA_JOB_TIME_LIMIT_S); its checkpoints are kept.",
             )
         return outcome
-    except LeaseLost:  # another worker holds the job now; it publishes, this process only stops
-        log.warning("job %s: stopped, its lease was taken over", job_id)
-        return "lease_lost"
-    except Exception as e:
-        if not keeper.confirm(sync=True):
-            # The error of a process that lost the job is not the job's error: the new holder
-            # may have removed the temp dir this one was writing (See Note: publishing under a
-            # lease in qlora_core/checkpoint.py), and its own run decides how the job ends.
-            log.warning("job %s: %s: %s after its lease was taken over; not recorded", job_id, type(e).__name__, e)
-            return "lease_lost"
-        if isinstance(e, JobFailed):
-            log.warning("job %s failed: %s: %s", job_id, e.code, e.message)
-            _fail(engine, lease, e.code, e.message, e.param)
-            return "failed"
-        # last resort: the user gets one line, the log gets the traceback
+    except JobFailed as e:
+        log.warning("job %s failed: %s: %s", job_id, e.code, e.message)
+        _fail(engine, job_id, owner, e.code, e.message, e.param)
+        return "failed"
+    except Exception as e:  # last resort: the user gets one line, the log gets the traceback
         log.exception("job %s failed with an unexpected error", job_id)
         first_line = (str(e).strip().splitlines() or [""])[0][:500]
-        _fail(engine, lease, "internal_error", f"{type(e).__name__}: {first_line}".rstrip(": "))
+        _fail(engine, job_id, owner, "internal_error", f"{type(e).__name__}: {first_line}".rstrip(": "))
         return "failed"
 
 
@@ -144,15 +128,15 @@ def _status(engine: Engine, job_id: str) -> str:
     return str(_load(engine, job_id).status)
 
 
-def _fail(engine: Engine, lease: Lease, code: str, message: str, param: str | None = None) -> None:
+def _fail(engine: Engine, job_id: str, owner: str, code: str, message: str, param: str | None = None) -> None:
     error = {"code": code, "message": message, "param": param}
-    transition(engine, lease, ACTIVE_STATUSES, "failed", error=error, finished_at=int(time.time()),
-               events=[event_values(lease.job_id, message, level="error")])
+    transition(engine, job_id, owner, ACTIVE_STATUSES, "failed", error=error, finished_at=int(time.time()),
+               events=[event_values(job_id, message, level="error")])
 
 
-def _finish_cancelled(engine: Engine, lease: Lease) -> str:
-    transition(engine, lease, ACTIVE_STATUSES, "cancelled", finished_at=int(time.time()),
-               events=[event_values(lease.job_id, "Fine-tuning job cancelled")])
+def _finish_cancelled(engine: Engine, job_id: str, owner: str) -> str:
+    transition(engine, job_id, owner, ACTIVE_STATUSES, "cancelled", finished_at=int(time.time()),
+               events=[event_values(job_id, "Fine-tuning job cancelled")])
     return "cancelled"
 
 

@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
@@ -20,9 +20,6 @@ from service.db import Job, JobEvent, Model, Tenant
 from service.settings import Settings
 from worker.errors import JobFailed
 from worker.events import event_values
-
-if TYPE_CHECKING:
-    from worker.runner import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +41,8 @@ def fine_tuned_model_name(base: str, tenant: str, suffix: str | None, job_id: st
     return f"ft:{clean(base)}:{clean(tenant)}:{clean(suffix or '')}:{short}"
 
 
-def train_job(engine: Engine, settings: Settings, job: Any, keeper: LeaseKeeper, deadline: float) -> str:
+def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: Any, deadline: float) -> str:
     """Train `job` (a job row in status running) and record the result.
-
-    Every row and file this writes for the job is fenced by the lease `keeper` keeps (See Note:
-    fencing tokens in worker/lease.py): a process that lost the job writes nothing more.
 
     Returns:
         "succeeded", "cancelled", "time_limit" or "lease_lost".
@@ -61,8 +55,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, keeper: LeaseKeeper,
     from qlora_core.store import ModelStore
     from qlora_core.train import OutOfMemory, train
     from qlora_core.validate import DatasetError
-    from worker.lease import LeaseLost
-    from worker.runner import DbCallback
+    from worker.runner import DbCallback, LeaseLost
     from worker.validation import file_path
 
     try:
@@ -78,7 +71,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, keeper: LeaseKeeper,
     ft_name = fine_tuned_model_name(job.model, tenant_name or job.tenant_id, job.suffix, job.id)
     out_dir = job_output_dir(settings, job.id)
     out_dir.mkdir(parents=True, exist_ok=True)
-    callback = DbCallback(engine, job.id, ft_name, job.tenant_id, Path(settings.artifacts_dir), keeper, deadline)
+    callback = DbCallback(engine, job.id, ft_name, job.tenant_id, Path(settings.artifacts_dir), lease, deadline)
     config = TrainConfig.from_dict(job.config)
     cuda_oom = _cuda_oom()
     try:
@@ -90,7 +83,6 @@ def train_job(engine: Engine, settings: Settings, job: Any, keeper: LeaseKeeper,
             valid_file=valid_file,
             callback=callback,
             resume=True,
-            fencing_token=keeper.lease.attempt,
         )
     except LeaseLost:  # another worker holds the job now; it publishes, this process only stops
         log.warning("job %s: stopped, its lease was taken over", job.id)
@@ -109,12 +101,6 @@ def train_job(engine: Engine, settings: Settings, job: Any, keeper: LeaseKeeper,
         return callback.stop_reason or "cancelled"
     if result.adapter_dir is None:
         raise RuntimeError("training completed without a final adapter")
-    # The archive is a write too. A holder frozen between this check and the rename inside
-    # build_adapter_archive rewrites it from the same adapter dir, which is never replaced
-    # (See Note: publishing under a lease in qlora_core/checkpoint.py).
-    if not keeper.confirm(sync=True):
-        log.warning("job %s: trained, but its lease was taken over; not publishing", job.id)
-        return "lease_lost"
     from service.storage import build_adapter_archive
 
     # Built once here so the download endpoint streams a finished file (service.storage packs
@@ -128,7 +114,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, keeper: LeaseKeeper,
     with engine.begin() as conn:
         changed = conn.execute(
             update(jobs)
-            .where(keeper.lease.held(), jobs.c.status == "running")
+            .where(jobs.c.id == job.id, jobs.c.lease_owner == owner, jobs.c.status == "running")
             .values(
                 status="succeeded",
                 fine_tuned_model=ft_name,

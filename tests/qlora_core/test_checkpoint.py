@@ -1,9 +1,7 @@
-"""Checkpoints on disk: atomic publication, listing, exact reload of adapter and RNG state, and
-publication under a lease (See Note: publishing under a lease in qlora_core/checkpoint.py)."""
+"""Checkpoints on disk: atomic publication, listing, exact reload of adapter and RNG state."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 
@@ -83,72 +81,6 @@ def test_incomplete_and_temp_dirs_are_ignored_and_cleaned(lora_model, tmp_path):
     assert ckpt.remove_stale_temp_dirs(tmp_path) == 1
     assert not (tmp_path / "checkpoints" / ".tmp-step-00000012-999").exists()
     assert ckpt.latest_checkpoint(tmp_path / "nowhere") is None
-
-
-def test_incomplete_checkpoint_of_a_step_is_replaced_when_that_step_is_saved(lora_model, tmp_path):
-    (tmp_path / "checkpoints" / "step-00000004").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step-00000004" / "junk").write_text("not a checkpoint")
-    path = ckpt.save_checkpoint(lora_model, tmp_path, 4, {"step": 4})
-    assert ckpt.read_state(path)["step"] == 4 and not (path / "junk").exists()
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]
-
-
-def test_a_published_checkpoint_is_never_replaced(lora_model, tmp_path):
-    """Two writers of one step (a frozen holder woken late, and the worker that took its job over):
-    the copy published first stands, the second is discarded, and a reader never sees it vanish."""
-    first = ckpt.save_checkpoint(lora_model, tmp_path, 4, {"step": 4, "writer": "first"}, token=1)
-    inode = first.stat().st_ino
-    second = ckpt.save_checkpoint(lora_model, tmp_path, 4, {"step": 4, "writer": "second"}, token=2)
-    assert second == first and second.stat().st_ino == inode
-    assert ckpt.read_state(first)["writer"] == "first"
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]
-    adapter = ckpt.save_adapter(lora_model, tmp_path, token=1)
-    inode = adapter.stat().st_ino
-    assert ckpt.save_adapter(lora_model, tmp_path, token=2) == adapter and adapter.stat().st_ino == inode
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoints"]
-
-
-@pytest.mark.parametrize("refusal", ["false", "raise"])
-def test_a_writer_refused_at_the_rename_publishes_nothing(lora_model, tmp_path, refusal):
-    """`may_publish` is asked once the temp dir is complete, just before the rename; its temp dir
-    carries the writer's token and pid."""
-    seen: list[list[str]] = []
-
-    class Evicted(RuntimeError):
-        pass
-
-    def may_publish() -> bool:
-        seen.append(sorted(p.name for p in (tmp_path / "checkpoints").iterdir()))
-        if refusal == "raise":
-            raise Evicted("the lease was taken over")
-        return False
-
-    with pytest.raises(ckpt.NotPublished if refusal == "false" else Evicted):
-        ckpt.save_checkpoint(lora_model, tmp_path, 4, {"step": 4}, token=7, may_publish=may_publish)
-    assert seen == [[f".tmp-step-00000004-t7-{os.getpid()}"]]
-    assert list((tmp_path / "checkpoints").iterdir()) == []
-    with pytest.raises(ckpt.NotPublished):
-        ckpt.save_adapter(lora_model, tmp_path, token=7, may_publish=lambda: False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
-
-
-def test_start_up_cleanup_removes_only_earlier_writers_temp_dirs(tmp_path):
-    """A run with fencing token 3 removes the temp dirs of tokens 1-2 (and of writers without a
-    token), never those of a newer writer, which may be writing right now."""
-    ckpts = tmp_path / "checkpoints"
-    names = {
-        ckpts: [".tmp-step-00000012-t1-101", ".tmp-step-00000012-t2-102", ".tmp-step-00000012-999",
-                ".tmp-step-00000012-t3-103", ".tmp-step-00000012-t4-104", ".tmp-old-step-00000006-t2-102"],
-        tmp_path: [".tmp-adapter-t2-102", ".tmp-adapter-t4-104"],
-    }
-    for parent, children in names.items():
-        for name in children:
-            (parent / name).mkdir(parents=True)
-    assert [ckpt.temp_dir_token(n) for n in names[ckpts]] == [1, 2, None, 3, 4, 2]
-    assert ckpt.remove_stale_temp_dirs(tmp_path, token=3) == 5
-    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-00000012-t3-103", ".tmp-step-00000012-t4-104"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-adapter-t4-104", "checkpoints"]
-    assert ckpt.remove_stale_temp_dirs(tmp_path) == 3  # no token: the only writer, everything is stale
 
 
 def test_final_adapter_loads_with_peft(lora_model, tiny_model_dir, tmp_path):

@@ -1,5 +1,4 @@
-"""Job leases on real SQLite and PostgreSQL: one holder at a time, takeover only when it is dead,
-and a superseded holder's writes change nothing (See Note: fencing tokens in worker/lease.py)."""
+"""Job leases on real SQLite and PostgreSQL: one holder at a time, takeover only when it is dead."""
 
 from __future__ import annotations
 
@@ -8,14 +7,11 @@ import sys
 import threading
 import time
 
-import pytest
 from sqlalchemy import Engine, select, update
 
-from service.db import Job, JobEvent
+from service.db import Job
 from tests.worker.conftest import make_job
-from worker.events import add_event, event_values, insert_event
-from worker.lease import (Lease, LeaseLost, acquire, fence, lease_is_free, make_owner, parse_owner, release, renew,
-                          transition)
+from worker.lease import acquire, lease_is_free, make_owner, parse_owner, release, renew, transition
 
 LEASE_S = 60
 
@@ -37,23 +33,17 @@ def test_second_worker_is_refused_while_the_lease_is_live(engine: Engine) -> Non
 def test_holder_may_reacquire_its_own_lease(engine: Engine) -> None:
     job = make_job(engine)
     a = make_owner("w1@host")
-    first = acquire(engine, job, a, LEASE_S)
-    second = acquire(engine, job, a, LEASE_S)
-    assert first and second and (first.attempt, second.attempt) == (1, 2)
+    assert acquire(engine, job, a, LEASE_S)
+    assert acquire(engine, job, a, LEASE_S)
     assert _row(engine, job).attempts == 2
-    # The same owner string, a newer acquisition: the older one is fenced off.
-    assert not renew(engine, first, LEASE_S)
-    assert not transition(engine, first, ("validating_files",), "queued")
-    assert renew(engine, second, LEASE_S)
 
 
 def test_holder_renewal_keeps_the_lease_live(engine: Engine) -> None:
     job = make_job(engine)
     t0 = int(time.time())
     a, b = make_owner("w1@host"), make_owner("w2@host")
-    lease = acquire(engine, job, a, LEASE_S, now=t0)
-    assert lease
-    assert renew(engine, lease, LEASE_S, now=t0 + LEASE_S - 1)
+    assert acquire(engine, job, a, LEASE_S, now=t0)
+    assert renew(engine, job, a, LEASE_S, now=t0 + LEASE_S - 1)
     assert _row(engine, job).lease_expires_at == t0 + 2 * LEASE_S - 1
     # Past the first expiry, but renewed: still nobody else's.
     assert not acquire(engine, job, b, LEASE_S, now=t0 + LEASE_S + 1)
@@ -63,16 +53,14 @@ def test_expired_lease_is_taken_over(engine: Engine) -> None:
     job = make_job(engine)
     t0 = int(time.time())
     a, b = make_owner("w1@host"), make_owner("w2@host")
-    old = acquire(engine, job, a, LEASE_S, now=t0)
-    assert old
+    assert acquire(engine, job, a, LEASE_S, now=t0)
     assert not acquire(engine, job, b, LEASE_S, now=t0 + LEASE_S - 1)
-    new = acquire(engine, job, b, LEASE_S, now=t0 + LEASE_S + 1)
-    assert new and new.attempt == old.attempt + 1
+    assert acquire(engine, job, b, LEASE_S, now=t0 + LEASE_S + 1)
     assert _row(engine, job).lease_owner == b
     # The old holder notices: its renewal fails and its status changes are refused.
-    assert not renew(engine, old, LEASE_S)
-    assert not transition(engine, old, ("validating_files",), "queued")
-    assert transition(engine, new, ("validating_files",), "queued")
+    assert not renew(engine, job, a, LEASE_S)
+    assert not transition(engine, job, a, ("validating_files",), "queued")
+    assert transition(engine, job, b, ("validating_files",), "queued")
 
 
 def test_lease_of_a_dead_local_process_is_free_at_once(engine: Engine) -> None:
@@ -92,11 +80,10 @@ def test_finished_jobs_are_never_acquired(engine: Engine) -> None:
 def test_release_only_by_the_holder(engine: Engine) -> None:
     job = make_job(engine)
     a, b = make_owner("w1@host"), make_owner("w2@host")
-    lease = acquire(engine, job, a, LEASE_S)
-    assert lease
-    release(engine, Lease(job, b, lease.attempt))
+    assert acquire(engine, job, a, LEASE_S)
+    release(engine, job, b)
     assert _row(engine, job).lease_owner == a
-    release(engine, lease)
+    release(engine, job, a)
     assert _row(engine, job).lease_owner is None
     assert acquire(engine, job, b, LEASE_S)
 
@@ -123,11 +110,11 @@ def test_concurrent_acquires_have_exactly_one_winner(engine: Engine) -> None:
 
 def test_a_cancel_recorded_by_the_api_is_not_overwritten(engine: Engine) -> None:
     job = make_job(engine)
-    lease = acquire(engine, job, make_owner("w1@host"), LEASE_S)
-    assert lease
+    a = make_owner("w1@host")
+    assert acquire(engine, job, a, LEASE_S)
     with engine.begin() as conn:  # the API cancels a job that has not started training
         conn.execute(update(Job.__table__).where(Job.__table__.c.id == job).values(status="cancelled"))
-    assert not transition(engine, lease, ("validating_files",), "queued")
+    assert not transition(engine, job, a, ("validating_files",), "queued")
     assert _row(engine, job).status == "cancelled"
 
 
@@ -136,48 +123,3 @@ def test_owner_strings_round_trip() -> None:
     assert parse_owner(owner)[0] == "qlora@a|b"
     assert parse_owner(owner)[2] == 123
     assert parse_owner("something else") is None
-
-
-def _messages(engine: Engine, job_id: str) -> list[str]:
-    t = JobEvent.__table__
-    with engine.connect() as conn:
-        return [r.message for r in conn.execute(select(t.c.message).where(t.c.job_id == job_id).order_by(t.c.seq))]
-
-
-def test_a_superseded_holder_writes_no_event(engine: Engine) -> None:
-    job = make_job(engine)
-    t0 = int(time.time())
-    old = acquire(engine, job, make_owner("w1@host"), LEASE_S, now=t0)
-    assert old and add_event(engine, job, "from the holder", lease=old)
-    new = acquire(engine, job, make_owner("w2@host"), LEASE_S, now=t0 + LEASE_S + 1)
-    assert new
-    with pytest.raises(LeaseLost):
-        add_event(engine, job, "from the woken old holder", lease=old)
-    with engine.begin() as conn:
-        assert not fence(conn, old)
-    assert add_event(engine, job, "from the new holder", lease=new)
-    assert _messages(engine, job) == ["from the holder", "from the new holder"]
-
-
-def test_a_takeover_waits_for_a_fenced_write_in_flight(engine: Engine) -> None:
-    """The fence holds the job row until its transaction ends: a takeover that starts meanwhile
-    commits after the write, never between the check and the write."""
-    job = make_job(engine)
-    t0 = int(time.time())
-    old = acquire(engine, job, make_owner("w1@host"), LEASE_S, now=t0)
-    assert old
-    taken: list[Lease | None] = []
-    takeover = threading.Thread(
-        target=lambda: taken.append(acquire(engine, job, make_owner("w2@host"), LEASE_S, now=t0 + LEASE_S + 1))
-    )
-    with engine.begin() as conn:
-        assert fence(conn, old)
-        takeover.start()
-        takeover.join(0.5)
-        assert takeover.is_alive(), "the takeover did not wait for the fenced transaction"
-        assert insert_event(conn, event_values(job, "written while held"))
-    takeover.join(30)
-    assert taken and taken[0] is not None and taken[0].attempt == old.attempt + 1
-    assert _messages(engine, job) == ["written while held"]
-    with engine.begin() as conn:
-        assert not fence(conn, old)
