@@ -256,7 +256,7 @@ def _run(
             model_config, config.lora_r, compute_dtype, config.target_modules, config.fused_layers
         )
         cb.on_message("info", f"checkpoint_fraction not set: checkpointing {fraction:.0%} of the decoder layers, "
-                              "spending half the memory the chunked loss saves on the rest")  # fmt: skip
+                              "spending on the rest memory the chunked loss saves (qlora_core.quant.auto_checkpoint_fraction)")  # fmt: skip
     model = models.load_quantized_model(
         model_dir, quant_type=config.quant_type, double_quant=config.double_quant, compute_dtype=compute_dtype
     )
