@@ -124,6 +124,11 @@ class TrainingCallback:
         """Asked before every optimizer step with the number of steps done; True stops the run."""
         return False
 
+    def may_write(self, step: int) -> bool:
+        """Asked right before a checkpoint or the final adapter is written; False stops the run
+        without writing it (a worker answers whether it still holds the job's lease)."""
+        return True
+
 
 @dataclass
 class TrainResult:
@@ -381,10 +386,14 @@ def _run(
 
             # ---- checkpoint -----------------------------------------------------------------
             if step in plan.checkpoint_steps:
+                if not cb.may_write(step):
+                    return _result("stopped", step, plan, state, output_dir, None)
                 path = ckpt.save_checkpoint(model, output_dir, step, _checkpoint_state(state, optimizer, scheduler, config, compute_dtype, scaler))
                 cb.on_checkpoint(step, path, metrics)
 
     # ---- cleanup / final adapter ----------------------------------------------------------------
+    if not cb.may_write(step):
+        return _result("stopped", step, plan, state, output_dir, None)
     adapter_dir = ckpt.save_adapter(model, output_dir)
     cb.on_message("info", f"training complete: {step} steps, {state['trained_tokens']} tokens; adapter at {adapter_dir}")
     return _result("completed", step, plan, state, output_dir, adapter_dir)

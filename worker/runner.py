@@ -49,7 +49,9 @@ class LeaseKeeper(threading.Thread):
     # renewal would let the training thread publish the step it was in: a metrics event and a
     # checkpoint written beside the new holder's. `confirm()` closes that window: when the last
     # good renewal is older than two heartbeats, it renews synchronously before the caller
-    # writes anything, and reports the lease lost if that fails.
+    # writes anything, and reports the lease lost if that fails. A renewal counts from when it was
+    # sent, not from when its answer came back: a process frozen while waiting for that answer
+    # would otherwise wake up trusting a lease that expired while it was stopped.
     """
 
     def __init__(self, engine: Engine, job_id: str, owner: str, lease_s: int, heartbeat_s: float) -> None:
@@ -65,11 +67,12 @@ class LeaseKeeper(threading.Thread):
 
         while not self._stop_event.wait(self.heartbeat_s):
             try:
+                sent = time.monotonic()  # See Note: stalled holders (counted from sending)
                 if not renew(self.engine, self.job_id, self.owner, self.lease_s):
                     log.warning("lost the lease on %s", self.job_id)
                     self.lost.set()
                     return
-                self.last_renewed = time.monotonic()
+                self.last_renewed = max(self.last_renewed, sent)
             except SQLAlchemyError as e:  # a database blip: keep trying until the lease actually expires
                 log.warning("lease renewal of %s failed: %s", self.job_id, e)
             except Exception:  # a bug: stop the run rather than train on without a lease
@@ -86,13 +89,16 @@ class LeaseKeeper(threading.Thread):
         stale_for = time.monotonic() - self.last_renewed
         if stale_for <= 2 * self.heartbeat_s:
             return True
+        sent = time.monotonic()
         try:
             held = renew(self.engine, self.job_id, self.owner, self.lease_s)
         except SQLAlchemyError as e:  # cannot tell: hold on until the lease would have expired
             log.warning("lease check of %s failed: %s", self.job_id, e)
             held = stale_for <= self.lease_s
         if held:
-            self.last_renewed = time.monotonic()
+            self.last_renewed = max(self.last_renewed, sent)
+            if time.monotonic() - sent > 2 * self.heartbeat_s:  # stalled while asking: ask again
+                return self.confirm()
             return True
         log.warning("lost the lease on %s (this process stalled for %.0f s)", self.job_id, stale_for)
         self.lost.set()
@@ -193,6 +199,13 @@ class DbCallback(TrainingCallback):
                 conn.execute(insert(_checkpoints).values(**row))
         except IntegrityError:  # a resumed run saved this step again: the first row stands
             log.info("checkpoint step %d of %s already recorded", step, self.job_id)
+
+    def may_write(self, step: int) -> bool:
+        """Only while the lease holds (See Note: stalled holders): asked right before a write."""
+        if self.lease is not None and not self.lease.confirm():
+            self.stop_reason = "lease_lost"
+            return False
+        return True
 
     def should_stop(self, step: int) -> bool:
         if self.stop_reason:
