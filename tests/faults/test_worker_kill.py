@@ -222,8 +222,8 @@ def _freeze_before_a_checkpoint(stack: Stack, held: WorkerProcess, job_id: str) 
     """SIGSTOP `held` inside the computation of the step just before a checkpoint step (12, else 18, else 24).
 
     Returns:
-        That checkpoint step. Frozen, `held` has recorded the step before it and has neither
-        published it nor begun writing its checkpoint.
+        That checkpoint step. Frozen, `held` has recorded the step before it (perhaps that step
+        too) and has not begun writing its checkpoint.
 
     Raises:
         AssertionError: if every try froze it too late (a machine too loaded to aim at a step).
@@ -235,7 +235,9 @@ def _freeze_before_a_checkpoint(stack: Stack, held: WorkerProcess, job_id: str) 
         time.sleep(FREEZE_DELAY_S)
         held.pause()
         started = [name for name in os.listdir(ckpt_dir) if checkpoint_name(ckpt_step) in name]
-        if max(stack.metrics_steps(job_id)) == ckpt_step - 1 and not started:
+        # Frozen before its checkpoint write began, whether or not the checkpoint step's metrics
+        # are in: the lease is confirmed right before the write (TrainingCallback.may_write).
+        if max(stack.metrics_steps(job_id)) in (ckpt_step - 1, ckpt_step) and not started:
             return ckpt_step
         held.resume()  # too late; paused for milliseconds, far inside its lease, so it goes on as before
     raise AssertionError(f"could not freeze the holder before a checkpoint step\n{stack.logs()}")
