@@ -210,8 +210,7 @@ class DbCallback(TrainingCallback):
     def should_stop(self, step: int) -> bool:
         if self.stop_reason:
             return True
-        if self.lease is not None and not self.lease.confirm():
-            self.stop_reason = "lease_lost"
+        if not self.may_write(step):  # the lease is gone
             return True
         if time.time() > self.deadline:
             self.stop_reason = "time_limit"
