@@ -218,3 +218,42 @@ def test_unfusable_states_fall_back_to_peft(tiny_model_dir: Path) -> None:
     assert counts["lora"] == 2 * 7
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, tuned)
+
+
+def test_a_small_lora_update_survives_in_an_fp32_output(tiny_model_dir: Path) -> None:
+    """See Note: fp32 residual stream: an early update far below the output's bf16 resolution.
+
+    In bf16 the update is rounded away in (nearly) every element; with `out_dtype` fp32 the output
+    is the bf16 base output plus the update, to fp32 rounding.
+    """
+    layer = _adapted_layer(tiny_model_dir, "o_proj")
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        b.mul_(1e-6)  # an update ~1e-5 of the output: bf16 resolves ~4e-3
+    x = torch.randn(2, 5, a.shape[1], generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+    scaling = layer.scaling["default"]
+    with torch.no_grad():
+        base = layer.base_layer(x).float()  # (B, T, N)
+        update = (x.float() @ a.to(torch.bfloat16).float().t()) @ (b * scaling).to(torch.bfloat16).float().t()
+        lost = LoraLinear.apply(x, a, b, layer.base_layer, scaling, torch.bfloat16)
+        kept = LoraLinear.apply(x, a, b, layer.base_layer, scaling, torch.bfloat16, torch.float32)
+    assert lost.dtype == torch.bfloat16 and kept.dtype == torch.float32
+    assert float((lost.float() != base).float().mean()) < 0.05  # rounded away
+    assert float(update.abs().max()) > 0
+    # the update itself is computed in bf16 (x @ A, then @ B): within its own bf16 rounding
+    torch.testing.assert_close(kept - base, update, rtol=2e-2, atol=1e-2 * float(update.abs().max()))
+
+
+def test_training_keeps_an_fp32_residual_stream_and_inference_peft_dtypes(tiny_model_dir: Path) -> None:
+    model = add_lora(load_quantized_model(tiny_model_dir, device="cpu"), 8, 16, 0.0,
+                     gradient_checkpointing=False, fused_layers=True)  # fmt: skip
+    model.train()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(14))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+        with torch.no_grad():
+            served = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+    # hidden_states: the embeddings, each block's output, the final norm's output
+    assert [h.dtype for h in trained[1:-1]] == [torch.float32] * (len(trained) - 2)
+    assert trained[-1].dtype == torch.bfloat16  # normed into the compute dtype for the head
+    assert {h.dtype for h in served} == {torch.bfloat16}
