@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api.bodylimit import BodyLimitMiddleware
 from api.errors import install_error_handlers
 from api.ratelimit import SlidingWindowLimiter
-from api.routes import files, health, job_outputs, jobs, models
+from api.routes import files, health, inference, job_outputs, jobs, models
 from api.schemas import ErrorResponse
 from service.settings import Settings, get_settings
 
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware)
     # Every /v1 operation may answer these (auth, rate limit, a bad request, the database down).
     common = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
-    for r in (files.router, jobs.router, job_outputs.router, models.router):
+    for r in (files.router, jobs.router, job_outputs.router, models.router, inference.router):
         app.include_router(r, responses=common)  # type: ignore[arg-type]
     app.include_router(health.router, responses={500: {"model": ErrorResponse}})
     return app

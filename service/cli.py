@@ -1,4 +1,4 @@
-"""The `qlora` command line: serve, worker, db, keys, models, demo.
+"""The `qlora` command line: serve, worker, infer, db, keys, models, demo.
 
 Each subcommand is a thin shim: it parses arguments and calls one function elsewhere, importing
 heavy modules (torch, uvicorn, celery) only when that subcommand runs.
@@ -65,7 +65,13 @@ def _cmd_models_inspect(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
-    return serve(host=args.host, port=args.port, with_worker=not args.no_worker)
+    return serve(host=args.host, port=args.port, with_worker=not args.no_worker, with_inference=not args.no_inference)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from inference.server import run_inference
+
+    return run_inference(host=args.host, port=args.port)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -113,7 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--no-worker", action="store_true", help="API only; run `qlora worker` elsewhere")
+    s.add_argument("--no-inference", action="store_true",
+                   help="no inference server; run `qlora infer` elsewhere and set QLORA_INFERENCE_URL")
     s.set_defaults(func=_cmd_serve)
+
+    inf = sub.add_parser("infer", help="run the inference server the API proxies chat/completions to")
+    inf.add_argument("--host", default=None, help="default QLORA_INFERENCE_HOST (127.0.0.1)")
+    inf.add_argument("--port", type=int, default=None, help="default QLORA_INFERENCE_PORT (8001)")
+    inf.set_defaults(func=_cmd_infer)
 
     w = sub.add_parser("worker", help="run a Celery worker that trains one job at a time")
     w.add_argument("--concurrency", type=int, default=1)

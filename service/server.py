@@ -1,9 +1,11 @@
-"""`qlora serve`: migrate, make sure a dev key exists, start one worker subprocess, run the API.
+"""`qlora serve`: migrate, make sure a dev key exists, start a worker and an inference server, run the API.
 
 The embedded mode of the service (`make run`, `make demo`): one command, no servers to install.
 The API process stays torch-free (CONTRACT: routes only validate, record and enqueue), so the
 worker is a separate process (`qlora worker`, the same command docker compose runs), and the
-bundled base model is registered by a short `qlora models ensure-bundled` subprocess. The
+bundled base model is registered by a short `qlora models ensure-bundled` subprocess. The inference
+server (`qlora infer`) is a third process, restarted by a supervisor thread here if it dies (the
+API answers 503 `inference_unavailable` meanwhile). The
 shutdown follows docker's convention: SIGTERM, a grace period, then SIGKILL; a job interrupted
 that way resumes from its last checkpoint when a worker starts again (worker/lease.py).
 """
@@ -13,8 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from service.lifetime import owned_child_env
@@ -87,13 +92,60 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = WORKER_STOP_GRAC
         return proc.wait()
 
 
-def serve(host: str | None = None, port: int | None = None, with_worker: bool = True) -> int:
+class InferenceSupervisor:
+    """Runs `qlora infer` on a loopback port and starts it again whenever it exits (backoff to 30 s)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="inference-supervisor", daemon=True)
+
+    def _start(self) -> None:
+        cmd = [sys.executable, "-m", "service.cli", "infer", "--host", "127.0.0.1", "--port", str(self.port)]
+        log.info("starting the inference server: %s", " ".join(cmd))
+        self.proc = subprocess.Popen(cmd, env=owned_child_env(_child_env()), start_new_session=True)
+
+    def start(self) -> None:
+        self._start()
+        self._thread.start()
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stop.wait(1.0):
+            if self.proc is not None and self.proc.poll() is not None and not self._stop.is_set():
+                log.warning("the inference server exited (status %s); restarting it in %.0f s",
+                            self.proc.returncode, delay)  # fmt: skip
+                if self._stop.wait(delay):
+                    return
+                started = time.monotonic()
+                self._start()
+                self.restarts += 1
+                delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc is not None:
+            stop_worker(self.proc, grace_s=5.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(host: str | None = None, port: int | None = None, with_worker: bool = True, with_inference: bool = True) -> int:
     """Run the service in the foreground until SIGINT/SIGTERM.
 
     Args:
         host: interface to bind (default `QLORA_HOST`, 127.0.0.1).
         port: TCP port (default `QLORA_PORT`, 8000).
         with_worker: also run one `qlora worker` subprocess (the embedded mode).
+        with_inference: also run `qlora infer` (on QLORA_INFERENCE_PORT when set, else a free
+            loopback port) and point the API at it, unless QLORA_INFERENCE_URL names another one.
 
     Returns:
         The exit status: 0 after a clean shutdown.
@@ -118,12 +170,19 @@ def serve(host: str | None = None, port: int | None = None, with_worker: bool = 
         bundled = subprocess.Popen([sys.executable, "-m", "service.cli", "models", "ensure-bundled"],
                                    env=owned_child_env(_child_env()))
         worker = start_worker(settings)
+    inference: InferenceSupervisor | None = None
+    if with_inference and not settings.inference_url:
+        inference = InferenceSupervisor(settings.inference_port if "QLORA_INFERENCE_PORT" in os.environ else _free_port())
+        inference.start()
+        os.environ["QLORA_INFERENCE_URL"] = inference.url  # read by the API's settings below
+        get_settings.cache_clear()
 
     url = f"http://{host}:{port}"
     banner = (
         f"\nQLoRA fine-tuning service at {url}  (OpenAI base_url: {url}/v1, docs: {url}/docs)\n"
         f"data dir: {settings.data_dir}  ({'embedded' if settings.embedded else 'external'} database and broker)\n"
         f"dev API key (tenant {settings.dev_tenant!r}): {key}\n"
+        f"inference server: {inference.url if inference else (settings.inference_url or 'none')}\n"
     )
     print(banner, flush=True)  # the one thing a person starting the service needs to read
 
@@ -140,6 +199,8 @@ def serve(host: str | None = None, port: int | None = None, with_worker: bool = 
     finally:
         if bundled is not None and bundled.poll() is None:
             bundled.terminate()
+        if inference is not None:
+            inference.stop()
         if worker is not None:
             code = stop_worker(worker)
             log.info("worker stopped (exit status %s)", code)

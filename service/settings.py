@@ -40,6 +40,15 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 600  # requests per API key per minute (429 beyond)
     max_concurrent_jobs: int = 4  # unfinished jobs per API key
     dev_tenant: str = "dev"
+    # The inference server the API proxies /v1/chat/completions and /v1/completions to
+    # (api/routes/inference.py); empty: none configured, and those endpoints answer 503.
+    inference_url: str = ""
+    inference_timeout_s: float = 600.0  # longest wait for a whole answer (or between two stream chunks)
+    # The inference server itself (`qlora infer`; `qlora serve` starts one and points inference_url at it)
+    inference_host: str = "127.0.0.1"  # it trusts its caller (the API): loopback or a private network only
+    inference_port: int = 8001
+    inference_max_batch: int = 16  # choices decoded together at most
+    inference_max_adapter_bytes: int = 2 * 1024**3  # LRU budget for the adapters held beside each base model
 
     # Workers
     job_time_limit_s: int = 24 * 3600
@@ -59,6 +68,7 @@ class Settings(BaseSettings):
         self.artifacts_dir = Path(self.artifacts_dir or self.data_dir / "artifacts").expanduser()
         self.files_dir = Path(self.files_dir or self.data_dir / "files").expanduser()
         self.models_dir = Path(self.models_dir or self.data_dir / "models").expanduser()
+        self.inference_url = self.inference_url.strip().rstrip("/")
         return self
 
     @property

@@ -35,12 +35,13 @@ def _qlora_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_every_qlora_command_parses(compose: dict[str, Any]) -> None:
     services = _qlora_services(compose)
-    assert set(services) == {"migrate", "api", "worker"}
+    assert set(services) == {"migrate", "api", "worker", "inference"}
     parser = build_parser()
     parsed = {name: parser.parse_args(s["command"][1:]) for name, s in services.items()}
     assert parsed["migrate"].command == "db" and parsed["migrate"].db_command == "upgrade"
     assert parsed["api"].command == "serve" and parsed["api"].no_worker and parsed["api"].host == "0.0.0.0"
     assert parsed["worker"].command == "worker"
+    assert parsed["inference"].command == "infer" and parsed["inference"].host == "0.0.0.0"
 
 
 def test_every_qlora_variable_is_a_setting(compose: dict[str, Any]) -> None:
@@ -70,13 +71,21 @@ def test_worker_reserves_a_gpu(compose: dict[str, Any]) -> None:
 
 def test_healthchecks_and_startup_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    for name in ("postgres", "redis", "api", "worker"):
+    for name in ("postgres", "redis", "api", "worker", "inference"):
         assert services[name]["healthcheck"]["test"], f"{name} has no healthcheck"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("api", "worker"):
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully"
         assert deps["redis"]["condition"] == "service_healthy"
+
+
+def test_api_reaches_the_inference_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    port = services["inference"]["command"][services["inference"]["command"].index("--port") + 1]
+    assert services["api"]["environment"]["QLORA_INFERENCE_URL"] == f"http://inference:{port}"
+    assert "--no-inference" in services["api"]["command"]  # the API never runs a second one itself
+    assert services["inference"]["restart"] == "unless-stopped"  # compose restarts a killed server
 
 
 def test_one_shared_data_volume(compose: dict[str, Any]) -> None:

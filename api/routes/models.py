@@ -4,7 +4,8 @@ A fine-tuned model is listed while its `models` row (written by the worker toget
 `succeeded` status) exists and its job succeeded; `created` is the job's `finished_at`, as on
 OpenAI. `DELETE /v1/models/{id}` removes a fine-tuned model as OpenAI does: the model row and the
 final adapter on disk go, the job stays (its `fine_tuned_model` still names the model) and so do
-its checkpoints, which are separate files and separate `fine_tuned_model_checkpoint`s. Base models
+its checkpoints, which are separate files and separate `fine_tuned_model_checkpoint`s; the
+inference server is then told to drop the adapter from its cache (api/upstream.py). Base models
 live in the model store and are managed on the server with `qlora models`, never through the API.
 """
 
@@ -20,6 +21,7 @@ from api.basemodels import base_model, list_base_models
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import APIError, not_found
 from api.schemas import ErrorResponse, ModelDeleted, ModelList, ModelObject
+from api.upstream import evict
 from service.db import Job, Model
 from service.storage import delete_adapter, job_archive_rel
 
@@ -28,7 +30,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"],
                    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
 
 
-def _fine_tuned(tenant_id: str, model_id: str | None = None) -> Select[tuple[Model, Job]]:
+def fine_tuned_models(tenant_id: str, model_id: str | None = None) -> Select[tuple[Model, Job]]:
     """(Model, Job) rows of this tenant's fine-tuned models whose job succeeded, oldest first."""
     stmt = (select(Model, Job).join(Job, Job.id == Model.job_id)
             .where(Model.tenant_id == tenant_id, Model.kind == "fine_tuned",
@@ -44,12 +46,12 @@ def _fine_tuned_object(m: Model, job: Job) -> ModelObject:
 
 def _db_models(session: SessionDep, tenant_id: str) -> list[ModelObject]:
     shared = session.scalars(select(Model).where(Model.tenant_id.is_(None)).order_by(Model.seq))
-    own = session.execute(_fine_tuned(tenant_id)).tuples()
+    own = session.execute(fine_tuned_models(tenant_id)).tuples()
     return ([ModelObject(id=m.id, created=m.created_at, owned_by=m.owned_by or "system") for m in shared]
             + [_fine_tuned_object(m, job) for m, job in own])
 
 
-def _base(session: SessionDep, settings: SettingsDep, model_id: str) -> ModelObject | None:
+def find_base_model(session: SessionDep, settings: SettingsDep, model_id: str) -> ModelObject | None:
     """The base model `model_id` (the store's, or a shared row), or None."""
     found = base_model(settings.models_dir, model_id)
     if found is not None:
@@ -71,10 +73,10 @@ async def list_models(principal: PrincipalDep, session: SessionDep, settings: Se
 @router.get("/{model_id:path}", response_model=ModelObject)
 def retrieve_model(model_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> ModelObject:
     """A base model or one of this tenant's fine-tuned models; another tenant's is a 404."""
-    row = session.execute(_fine_tuned(principal.tenant_id, model_id)).tuples().first()
+    row = session.execute(fine_tuned_models(principal.tenant_id, model_id)).tuples().first()
     if row is not None:
         return _fine_tuned_object(*row)
-    found = _base(session, settings, model_id)
+    found = find_base_model(session, settings, model_id)
     if found is None:
         raise not_found("model", model_id, param="model")
     return found
@@ -91,9 +93,9 @@ def delete_model(model_id: str, principal: PrincipalDep, session: SessionDep, se
         APIError: 404 `model_not_found` for an unknown, deleted or other tenant's model; 403
             `model_not_deletable` for a base model.
     """
-    row = session.execute(_fine_tuned(principal.tenant_id, model_id)).tuples().first()
+    row = session.execute(fine_tuned_models(principal.tenant_id, model_id)).tuples().first()
     if row is None:
-        if _base(session, settings, model_id) is not None:
+        if find_base_model(session, settings, model_id) is not None:
             raise APIError(403, f"Model {model_id!r} is a base model; base models cannot be deleted through the API "
                            "(they are managed on the server with `qlora models`).", param="model",
                            code="model_not_deletable")
@@ -112,4 +114,5 @@ def delete_model(model_id: str, principal: PrincipalDep, session: SessionDep, se
     delete_adapter(settings.artifacts_dir, paths, job_archive_rel(job_id))
     session.commit()
     log.info("deleted fine-tuned model %s of job %s for %s", ft, job_id, principal.tenant_id)
+    evict(settings, job_id)  # the inference server's adapter key of a fine-tuned model (api/routes/inference.py)
     return ModelDeleted(id=ft)

@@ -42,7 +42,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settin
     monkeypatch.setenv("QLORA_DATA_DIR", str(tmp_path / "data"))
     for var in ("QLORA_DATABASE_URL", "QLORA_BROKER_URL", "QLORA_ARTIFACTS_DIR", "QLORA_FILES_DIR",
                 "QLORA_MODELS_DIR", "QLORA_MAX_UPLOAD_BYTES", "QLORA_RATE_LIMIT_PER_MINUTE",
-                "QLORA_MAX_CONCURRENT_JOBS"):
+                "QLORA_MAX_CONCURRENT_JOBS", "QLORA_INFERENCE_URL", "QLORA_INFERENCE_TIMEOUT_S"):
         monkeypatch.delenv(var, raising=False)
     get_settings.cache_clear()
     queue._cached_app.cache_clear()

@@ -1,0 +1,474 @@
+"""The generation engine of the inference server: one 4-bit base, many LoRA adapters, one batch.
+
+Each base model is loaded once, quantized as training quantized it (NF4 + double quantization,
+the device's native compute dtype), with its tokenizer; fine-tuned models are its adapters,
+loaded on first use from the artifact store with PEFT (`PeftModel.load_adapter`, the loader a
+user calls on a downloaded adapter) and kept in an LRU cache bounded by their bytes.
+
+# Note: continuous batching of mixed adapters. One engine thread owns every model and runs one
+# loop: admit waiting requests (their prompts are prefilled together, left-padded, into a KV cache
+# of their own), merge them into the running batch (caches left-padded to a common length and
+# stacked, an attention mask marking the padding), then decode one token for every running row in
+# a single forward. Rows of different adapters share that forward through PEFT's mixed-adapter
+# batches (`adapter_names`, "__base__" for the bare base): each LoRA layer applies each row's own
+# adapter to that row. Finished rows leave the batch at once (`batch_select_indices`), and
+# padding columns no row needs any more are cropped, so a long request does not hold a short
+# one's finished slot. The idea is Orca's iteration-level scheduling and S-LoRA's/Punica's
+# heterogeneous adapter batches, on plain PyTorch and the transformers KV cache.
+#
+# Greedy decoding of a request alone runs exactly the forwards `PeftModel.generate` runs (prefill
+# of the prompt, then one token at a time on the cache, last-position logits only), so its tokens
+# equal what the downloaded adapter gives (tests/inference/test_engine.py); in a batch, rows are
+# padded and computed in larger matmuls, equal up to the compute dtype's rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qlora_core.generate import render_prompt
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class RequestError(Exception):
+    """A request the engine refuses; carries OpenAI's error fields and the HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclass
+class GenerationRequest:
+    """One request as the API forwards it (see inference/app.py for the wire format)."""
+
+    base_model_id: str
+    prompts: list[Any]  # strings, or one chat message list
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    adapter_key: str | None = None
+    adapter_path: str | None = None
+    # called from the engine thread: ("accepted", prompt_tokens) | ("token", (choice, text)) |
+    # ("done", (choice, finish_reason, completion_tokens)) | ("error", RequestError) | ("end", None)
+    emit: Callable[[str, Any], None] = lambda kind, value: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    pending_rows: int = 0  # choices still decoding (engine thread only)
+
+
+@dataclass
+class _Row:
+    """One choice being generated: a row of the running batch."""
+
+    request: GenerationRequest
+    choice: int
+    adapter: str
+    prompt_len: int
+    max_new: int
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already emitted
+    position: int = 0  # the position id of the next token fed
+
+
+class _BaseSlot:
+    """A loaded base model, its tokenizer, and the adapters loaded beside it (LRU by bytes)."""
+
+    def __init__(self, model: Any, tokenizer: Any, context: int, max_adapter_bytes: int) -> None:
+        self.model, self.tokenizer, self.context = model, tokenizer, context
+        self.peft: Any = None  # a PeftModel once the first adapter loads
+        self.adapters: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
+        self.max_adapter_bytes = max_adapter_bytes
+        self.eos = _eos_ids(model, tokenizer)
+
+    @property
+    def runner(self) -> Any:
+        return self.peft if self.peft is not None else self.model
+
+    def ensure_adapter(self, key: str, path: str, in_use: set[str]) -> None:
+        """Load adapter `key` from `path` unless loaded; evict least recently used ones over budget."""
+        if key in self.adapters:
+            self.adapters.move_to_end(key)
+            return
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise RequestError(404, "The model's adapter is no longer available (was the model deleted?).",
+                               param="model", code="model_not_found")
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=key, is_trainable=False)
+        else:
+            self.peft.load_adapter(path, adapter_name=key, is_trainable=False)
+        self.peft.eval()
+        self.adapters[key] = _adapter_bytes(self.peft, key)
+        log.info("loaded adapter %s (%d bytes) from %s", key, self.adapters[key], path)
+        while sum(self.adapters.values()) > self.max_adapter_bytes and len(self.adapters) > 1:
+            victim = next((k for k in self.adapters if k not in in_use and k != key), None)
+            if victim is None:
+                break
+            self.drop_adapter(victim)
+
+    def drop_adapter(self, key: str) -> bool:
+        if key not in self.adapters:
+            return False
+        del self.adapters[key]
+        if self.adapters:
+            self.peft.delete_adapter(key)
+        else:  # PEFT keeps at least one adapter: unwrap to the bare base instead
+            self.model = self.peft.unload()
+            self.peft = None
+        log.info("evicted adapter %s", key)
+        return True
+
+
+def _adapter_bytes(peft_model: Any, key: str) -> int:
+    return sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if f".{key}." in n)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+class Engine:
+    """Owns the models and the engine thread; `submit` is safe from any thread."""
+
+    def __init__(self, resolve_base: Callable[[str], Path], device: str | None = None,
+                 max_batch: int = 16, max_adapter_bytes: int = 1 << 30, compute_dtype: str = "auto") -> None:  # fmt: skip
+        """
+        Args:
+            resolve_base: base model id -> its store directory (raises KeyError when unknown).
+            device: torch device (default: CUDA when visible, else CPU).
+            max_batch: rows (choices) decoded together at most.
+            max_adapter_bytes: the LRU budget for the adapters of one base.
+            compute_dtype: "auto" (the device's native dtype, as training's default) or a dtype name.
+        """
+        from qlora_core.device import default_device
+
+        self.resolve_base = resolve_base
+        self.device = device or default_device()
+        self.max_batch = max_batch
+        self.max_adapter_bytes = max_adapter_bytes
+        self.compute_dtype = compute_dtype
+        self.bases: dict[str, _BaseSlot] = {}
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
+        self._stopping = False
+        self.steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, request: GenerationRequest) -> None:
+        self._inbox.put(("generate", request))
+
+    def evict(self, key: str, done: Callable[[bool], None]) -> None:
+        """Drop adapter `key` from every base (a deleted model); `done(found)` runs on the engine thread."""
+        self._inbox.put(("evict", (key, done)))
+
+    def stats(self) -> dict[str, Any]:
+        return {"device": self.device, "bases": {b: list(s.adapters) for b, s in list(self.bases.items())}}
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        running: dict[str, _Batch] = {}  # base id -> its running batch
+        waiting: list[tuple[str, list[_Row]]] = []
+        while not self._stopping:
+            busy = any(b.rows for b in running.values())
+            try:
+                item = self._inbox.get(block=not busy and not waiting, timeout=None)
+            except queue.Empty:
+                item = "idle"
+            while item is not None and item != "idle":
+                self._handle(item, waiting, running)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = "idle"
+            if item is None:
+                break
+            self._admit(waiting, running)
+            for base_id, batch in list(running.items()):
+                if batch.rows:
+                    self._step(self.bases[base_id], batch)
+                    self.steps += 1
+
+    def _handle(self, item: tuple[str, Any], waiting: list, running: dict) -> None:
+        kind, value = item
+        if kind == "evict":
+            key, done = value
+            in_use = {r.adapter for b in running.values() for r in b.rows}
+            found = False
+            for slot in self.bases.values():
+                if key in in_use:  # rows still decoding with it finish first; then it goes
+                    for batch in running.values():
+                        batch.evict_after.add(key)
+                    found = True
+                else:
+                    found = slot.drop_adapter(key) or found
+            done(found)
+            return
+        request: GenerationRequest = value
+        try:
+            rows = self._prepare(request, running)
+        except RequestError as e:
+            request.emit("error", e)
+            return
+        except Exception as e:  # a model that fails to load is a server fault, reported to its caller
+            log.exception("request failed before generation")
+            request.emit("error", RequestError(500, f"the inference server failed to prepare the request: {e}"))
+            return
+        waiting.append((request.base_model_id, rows))
+
+    def _slot(self, base_id: str) -> _BaseSlot:
+        slot = self.bases.get(base_id)
+        if slot is None:
+            from qlora_core.device import resolve_compute_dtype
+            from qlora_core.models import load_quantized_model, load_tokenizer
+
+            try:
+                path = self.resolve_base(base_id)
+            except KeyError:
+                raise RequestError(404, f"The model `{base_id}` does not exist or you do not have access to it.",
+                                   param="model", code="model_not_found") from None
+            dtype = resolve_compute_dtype(self.compute_dtype, self.device).dtype
+            t0 = time.monotonic()
+            model = load_quantized_model(path, compute_dtype=dtype, device=self.device)
+            model.eval()
+            tokenizer = load_tokenizer(path)
+            context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+            slot = _BaseSlot(model, tokenizer, context, self.max_adapter_bytes)
+            self.bases[base_id] = slot
+            log.info("loaded base %s (%s, %s) in %.1f s", base_id, self.device, dtype, time.monotonic() - t0)
+        return slot
+
+    def _prepare(self, request: GenerationRequest, running: dict) -> list[_Row]:
+        slot = self._slot(request.base_model_id)
+        tok = slot.tokenizer
+        encoded = []
+        for i, prompt in enumerate(request.prompts):
+            try:
+                text, special = render_prompt(tok, prompt)
+            except ValueError as e:
+                raise RequestError(400, f"{e}; use /v1/completions with a plain prompt", param="messages") from None
+            encoded.append(tok(text, add_special_tokens=special)["input_ids"])
+        longest = max(len(ids) for ids in encoded)
+        if any(len(ids) == 0 for ids in encoded):
+            raise RequestError(400, "The prompt is empty.", param="prompt")
+        if longest >= slot.context:
+            raise RequestError(400, f"This model's maximum context length is {slot.context} tokens. However, your "
+                               f"prompt is {longest} tokens.", param="messages", code="context_length_exceeded")
+        room = slot.context - longest
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise RequestError(400, f"This model's maximum context length is {slot.context} tokens. However, you "
+                               f"requested {longest + request.max_tokens} tokens ({longest} in the prompt, "
+                               f"{request.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                               param="max_tokens", code="context_length_exceeded")
+        adapter = BASE_ADAPTER
+        if request.adapter_key is not None:
+            in_use = {r.adapter for b in running.values() for r in b.rows}
+            slot.ensure_adapter(request.adapter_key, request.adapter_path or "", in_use)
+            adapter = request.adapter_key
+        request.emit("accepted", sum(len(ids) for ids in encoded))
+        rows = []
+        choice = 0
+        for ids in encoded:
+            for _ in range(request.n):
+                gen = None
+                if request.temperature > 0:
+                    gen = torch.Generator(device="cpu")
+                    gen.manual_seed(request.seed + choice if request.seed is not None else int.from_bytes(os.urandom(7), "little"))
+                max_new = request.max_tokens if request.max_tokens is not None else slot.context - len(ids)
+                row = _Row(request, choice, adapter, len(ids), max_new, gen)
+                row.ids = list(ids)  # the prompt, until prefill moves it out
+                rows.append(row)
+                choice += 1
+        return rows
+
+    def _admit(self, waiting: list, running: dict) -> None:
+        still = []
+        for base_id, rows in waiting:
+            batch = running.setdefault(base_id, _Batch())
+            rows = [r for r in rows if not r.request.cancelled.is_set()]
+            if not rows:
+                continue
+            if len(batch.rows) + len(rows) > self.max_batch and batch.rows:
+                still.append((base_id, rows))
+                continue
+            self._prefill(self.bases[base_id], batch, rows)
+        waiting[:] = still
+
+    def _forward(self, slot: _BaseSlot, rows: list[_Row], **inputs: Any) -> tuple[torch.Tensor, Any]:
+        """One forward of `rows`: (last-position logits (B, V) in fp32, the updated KV cache)."""
+        kwargs: dict[str, Any] = {}
+        if slot.peft is not None:
+            kwargs["adapter_names"] = [r.adapter for r in rows]
+        with torch.no_grad():
+            out = slot.runner(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float(), out.past_key_values  # (B, V)
+
+    def _prefill(self, slot: _BaseSlot, batch: "_Batch", rows: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        pad = slot.tokenizer.pad_token_id or 0
+        width = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every prompt ends at the last column
+            ids[i, width - len(r.ids):] = torch.tensor(r.ids)
+            mask[i, width - len(r.ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        dev = slot.model.device
+        logits, cache = self._forward(slot, rows, input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                      position_ids=positions.to(dev), past_key_values=DynamicCache())  # fmt: skip
+        for r in rows:
+            r.position = r.prompt_len
+            r.ids = []
+        batch.merge(rows, cache, mask.to(dev))
+        self._sample_and_emit(slot, batch, rows, logits)
+
+    def _step(self, slot: _BaseSlot, batch: "_Batch") -> None:
+        rows = batch.rows
+        dev = slot.model.device
+        ids = torch.tensor([[r.ids[-1]] for r in rows], device=dev)  # (B, 1)
+        batch.mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=batch.mask.dtype, device=dev)], 1)
+        positions = torch.tensor([[r.position] for r in rows], device=dev)  # (B, 1)
+        for r in rows:
+            r.position += 1
+        logits, batch.cache = self._forward(slot, rows, input_ids=ids, attention_mask=batch.mask,
+                                            position_ids=positions, past_key_values=batch.cache)  # fmt: skip
+        self._sample_and_emit(slot, batch, rows, logits)
+
+    def _sample_and_emit(self, slot: _BaseSlot, batch: "_Batch", rows: list[_Row], logits: torch.Tensor) -> None:
+        finished: set[int] = set()
+        for i, r in enumerate(rows):
+            token = _sample(logits[i], r.request.temperature, r.request.top_p, r.generator)
+            r.ids.append(token)
+            reason = None
+            if token in slot.eos:
+                r.ids.pop()
+                reason = "stop"
+            elif len(r.ids) >= r.max_new:
+                reason = "length"
+            text = slot.tokenizer.decode(r.ids, skip_special_tokens=True)
+            cut = _find_stop(text, r.request.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+            if r.request.cancelled.is_set():
+                reason = reason or "cancelled"
+            elif reason is None:
+                # hold back a possible partial stop string and an unfinished UTF-8 sequence
+                hold = max((len(s) - 1 for s in r.request.stop), default=0)
+                safe = len(text) - hold
+                while safe > r.sent and text[safe - 1] == "\ufffd":
+                    safe -= 1
+                if safe > r.sent:
+                    r.request.emit("token", (r.choice, text[r.sent:safe]))
+                    r.sent = safe
+            if reason is not None:
+                if reason != "cancelled" and len(text) > r.sent:
+                    r.request.emit("token", (r.choice, text[r.sent:]))
+                r.request.emit("done", (r.choice, reason, len(r.ids) + (1 if token in slot.eos else 0), list(r.ids)))
+                finished.add(id(r))
+        if finished:
+            done_rows = [r for r in rows if id(r) in finished]
+            batch.remove(finished)
+            for r in done_rows:
+                r.request.pending_rows -= 1
+                if r.request.pending_rows == 0:
+                    r.request.emit("end", None)
+            for key in list(batch.evict_after):
+                if all(r.adapter != key for r in batch.rows):
+                    slot.drop_adapter(key)
+                    batch.evict_after.discard(key)
+
+
+class _Batch:
+    """The running rows of one base and their shared, left-padded KV cache."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # (B, T) 1 where a cache column holds a real token
+        self.evict_after: set[str] = set()
+
+    def merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> None:
+        for r in rows:
+            r.request.pending_rows += 1
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)], 0)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width, dim=-2), _left_pad(new.keys, width, dim=-2)], 0)
+            old.values = torch.cat([_left_pad(old.values, width, dim=-2), _left_pad(new.values, width, dim=-2)], 0)
+        self.rows.extend(rows)
+
+    def remove(self, finished: set[int]) -> None:
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in finished]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        used = int((self.mask.sum(0) > 0).nonzero()[0])  # the first column any remaining row needs
+        self.mask = self.mask[:, used:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, used:]
+            layer.values = layer.values.index_select(0, index)[:, :, used:]
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else nucleus sampling with the row's own generator."""
+    if temperature <= 0 or generator is None:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, -1)  # (V,)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
