@@ -44,6 +44,7 @@ class LiveService:
     data_dir: Path
     env: dict[str, str]
     logs: dict[str, Path] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def client(self):  # type: ignore[no-untyped-def]
         from openai import OpenAI
@@ -108,7 +109,7 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         key = _run(qlora_cmd("keys", "create", "--tenant", "e2e"), env).strip().splitlines()[-1]
         port = free_port()
         service = LiveService(request.param, f"http://127.0.0.1:{port}", key, data_dir, env)
-        procs: dict[str, subprocess.Popen[bytes]] = {}
+        procs = service.procs
         for name, cmd in (
             ("api", qlora_cmd("serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port))),
             ("worker", qlora_cmd("worker", "--hostname", f"e2e-{secrets.token_hex(4)}@{socket.gethostname()}")),

@@ -1,0 +1,110 @@
+"""Chat with what you trained, end to end: a job trained through the live service (both modes) is
+then asked through the same `openai` SDK, streamed and not, and answers token for token what its
+downloaded adapter gives under `PeftModel.from_pretrained`; tenancy holds; a killed inference
+server is restarted by `qlora serve`, and the API answers 503 meanwhile, never hangs.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import TINY_MODEL_ID, LiveService, _run, qlora_cmd
+from tests.e2e.test_service_e2e import _create_job, _wait_finished
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 3 plus 4?"}]
+
+
+def _peft_answer(live: LiveService, adapter_dir: Path, max_new: int) -> str:
+    """What a user writes by hand: the same 4-bit base, the downloaded adapter, greedy `generate`."""
+    import torch
+    from peft import PeftModel
+
+    from qlora_core.device import native_dtype
+    from qlora_core.models import load_quantized_model, load_tokenizer
+    from qlora_core.store import ModelStore
+
+    base_dir = ModelStore(live.data_dir / "models").model_path(TINY_MODEL_ID)
+    model = PeftModel.from_pretrained(load_quantized_model(base_dir, compute_dtype=native_dtype("cpu").dtype,
+                                                           device="cpu"), str(adapter_dir))  # fmt: skip
+    model.eval()
+    tok = load_tokenizer(base_dir)
+    ids = torch.tensor([tok(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False)["input_ids"]])  # fmt: skip
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_with_the_fine_tuned_model(live: LiveService, tmp_path: Path) -> None:
+    job, _ = _create_job(live, n_examples=12, max_steps=2, n_checkpoints=2)
+    job = _wait_finished(live, job.id)
+    assert job.status == "succeeded", f"{job.error}\n{live.log_tail()}"
+    client = live.client()
+    ask = dict(model=job.fine_tuned_model, messages=MESSAGES, temperature=0, max_tokens=12)
+
+    whole = client.chat.completions.create(**ask)
+    assert whole.object == "chat.completion" and whole.model == job.fine_tuned_model
+    assert whole.usage.prompt_tokens > 0 and 0 < whole.usage.completion_tokens <= 12
+    assert whole.choices[0].finish_reason in ("stop", "length")
+
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+
+    resp = httpx.get(f"{live.base_url}/v1/fine_tuning/jobs/{job.id}/adapter", headers=live.headers, timeout=60)
+    with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:gz") as tar:
+        tar.extractall(tmp_path / "adapter", filter="data")
+    assert whole.choices[0].message.content == _peft_answer(live, tmp_path / "adapter", 12)
+
+    # a checkpoint is a model too; the base answers differently from the trained adapter's model
+    ckpt = client.fine_tuning.jobs.checkpoints.list(job.id).data[-1].fine_tuned_model_checkpoint
+    assert client.chat.completions.create(**{**ask, "model": ckpt}).choices[0].message.content
+    assert client.completions.create(model=TINY_MODEL_ID, prompt="3 plus 4 is", max_tokens=4, temperature=0).usage
+
+    other_key = _run(qlora_cmd("keys", "create", "--tenant", "someone-else"), live.env).strip().splitlines()[-1]
+    other = openai.OpenAI(base_url=live.base_url + "/v1", api_key=other_key, max_retries=0, timeout=60)
+    for name in (job.fine_tuned_model, ckpt):
+        with pytest.raises(openai.NotFoundError) as e:
+            other.chat.completions.create(**{**ask, "model": name})
+        assert e.value.body["code"] == "model_not_found"
+
+    client.models.delete(job.fine_tuned_model)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(**ask)
+
+
+def test_a_killed_inference_server_comes_back(live: LiveService) -> None:
+    children = subprocess.run(["pgrep", "-P", str(live.procs["api"].pid), "-f", "service.cli infer"],
+                              capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert len(children) == 1, children
+    subprocess.run(["kill", f"-{signal.SIGKILL.value}", children[0]], check=True)
+    ask = dict(model=TINY_MODEL_ID, messages=MESSAGES, temperature=0, max_tokens=4)
+    client = live.client()
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(**ask)
+    assert e.value.status_code == 503 and e.value.body["code"] == "inference_unavailable"
+    assert time.monotonic() - t0 < 10  # an answer, not a hang
+    deadline = time.monotonic() + 120
+    while True:  # `qlora serve` restarts it within seconds; the first answer also loads the base
+        try:
+            assert client.chat.completions.create(**ask).choices[0].message.content is not None
+            break
+        except openai.APIStatusError as err:
+            assert err.status_code == 503 and time.monotonic() < deadline, live.log_tail()
+            time.sleep(1)
