@@ -110,11 +110,35 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def _name_the_served_base(directory: Path) -> None:
+    """Make `base_model_name_or_path` the base's model id, not the store directory PEFT wrote.
+
+    The id is what the service (and vLLM's `--enable-lora`, whose loader checks it) serves the
+    base as; a server-local path means nothing to whoever downloads the adapter. PEFT's loader
+    ignores the field when it is given the base model, as every loader here is.
+    """
+    import json
+
+    from qlora_core.store import MANIFEST
+
+    config_path = directory / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    base = config.get("base_model_name_or_path")
+    manifest = Path(base) / MANIFEST if base else None
+    if manifest is None or not manifest.is_file():
+        return
+    model_id = json.loads(manifest.read_text()).get("id")
+    if model_id:
+        config["base_model_name_or_path"] = model_id
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _save_adapter_files(model: torch.nn.Module, directory: Path) -> None:
     """PEFT `save_pretrained`, then check the weights file really holds the LoRA tensors."""
     from safetensors import safe_open
 
     model.save_pretrained(str(directory), safe_serialization=True)
+    _name_the_served_base(directory)
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file() or not (directory / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"save_pretrained wrote no {ADAPTER_WEIGHTS}/{ADAPTER_CONFIG} in {directory}")

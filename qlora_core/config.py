@@ -17,6 +17,7 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OVERLONG = ("truncate", "drop")
+MAX_LORA_R = 512  # vLLM's largest --max-lora-rank: every adapter we write stays servable there
 
 
 @dataclass
@@ -76,8 +77,8 @@ class TrainConfig:
         def bad(param: str, msg: str) -> None:
             problems.append((param, msg))
 
-        if self.lora_r < 1 or self.lora_r > 1024:
-            bad("lora_r", f"lora_r must be between 1 and 1024, got {self.lora_r}")
+        if self.lora_r < 1 or self.lora_r > MAX_LORA_R:
+            bad("lora_r", f"lora_r must be between 1 and {MAX_LORA_R} (the largest rank vLLM serves), got {self.lora_r}")
         if self.lora_alpha <= 0:
             bad("lora_alpha", f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:

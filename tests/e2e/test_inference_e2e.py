@@ -7,6 +7,7 @@ server is restarted by `qlora serve`, and the API answers 503 meanwhile, never h
 from __future__ import annotations
 
 import io
+import json
 import signal
 import subprocess
 import tarfile
@@ -70,6 +71,11 @@ def test_chat_with_the_fine_tuned_model(live: LiveService, tmp_path: Path) -> No
     with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:gz") as tar:
         tar.extractall(tmp_path / "adapter", filter="data")
     assert whole.choices[0].message.content == _peft_answer(live, tmp_path / "adapter", 12)
+    # vLLM's LoRA loader (`--enable-lora`) takes it as it is (README: serving with vLLM)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == TINY_MODEL_ID  # the served id, not a server path
+    assert not config.get("modules_to_save") and not config.get("use_dora") and config["bias"] == "none"
+    assert config["peft_type"] == "LORA" and 1 <= config["r"] <= 512
 
     # a checkpoint is a model too; the base answers differently from the trained adapter's model
     ckpt = client.fine_tuning.jobs.checkpoints.list(job.id).data[-1].fine_tuned_model_checkpoint
