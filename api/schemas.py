@@ -153,7 +153,7 @@ class JobObject(BaseModel):
     hyperparameters: dict[str, Any]
     method: dict[str, Any] | None
     organization_id: str
-    result_files: list[str] = []
+    result_files: list[str] = []  # a succeeded job's `fine-tune-results` CSV (worker/results.py)
     seed: int
     trained_tokens: int | None
     estimated_finish: int | None
@@ -182,6 +182,7 @@ class JobObject(BaseModel):
             hyperparameters=hp,
             method=j.method or {"type": "supervised", "supervised": {"hyperparameters": hp}},
             organization_id=j.tenant_id,
+            result_files=list(j.result_files or []),
             seed=j.seed,
             trained_tokens=j.trained_tokens,
             estimated_finish=j.estimated_finish,

@@ -36,6 +36,7 @@ import torch
 from qlora_core import checkpoint as ckpt
 from qlora_core.config import TrainConfig
 from qlora_core.device import default_device, resolve_compute_dtype
+from qlora_core.evaluate import evaluate, full_evaluation
 from qlora_core.loss import causal_lm_loss, count_supervised, supports_supervised_logits
 from qlora_core.optim import build_optimizer, build_scheduler, load_optimizer_state
 from qlora_core.plan import RunPlan, make_plan, valid_plan
@@ -136,7 +137,9 @@ class TrainResult:
 
     `trained_tokens` counts every non-padding token fed through the model in training, epochs
     included: for a full run that is OpenAI's "tokens in the training file x epochs".
-    `metrics` is the last metrics event plus `supervised_tokens` (tokens the loss was taken on).
+    `metrics` is the last metrics event plus `supervised_tokens` (tokens the loss was taken on);
+    with a validation file it holds `full_valid_loss` and `base_full_valid_loss` (See Note: full
+    validation).
     """
 
     status: str  # "completed" | "stopped"
@@ -171,7 +174,8 @@ def train(
         train_file: JSONL training data in any format `qlora_core.validate` accepts.
         output_dir: where `checkpoints/` and, on completion, `adapter/` go.
         config: the run's hyperparameters; checked first.
-        valid_file: optional JSONL validation data, evaluated every `eval_steps`.
+        valid_file: optional JSONL validation data, evaluated every `eval_steps` (at most
+            `max_eval_examples` of it) and, whole, at the last step (See Note: full validation).
         callback: progress sink; `TrainingCallback()` when None.
         resume: continue from the latest complete checkpoint in `output_dir`, if any.
 
@@ -228,13 +232,15 @@ def _run(
     if not train_examples:
         raise TrainingError(f"no usable training examples in {train_file} (all dropped or empty)")
     valid_examples: list = []
+    all_valid_examples: list = []  # the whole file, for the final evaluation (See Note: full validation)
     if valid_file is not None:
-        valid_examples, valid_stats = data.tokenize_file(
+        all_valid_examples, valid_stats = data.tokenize_file(
             tokenizer, valid_file, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
         )
         _report_stats(cb, "validation", valid_stats, config.max_seq_length)
+        valid_examples = all_valid_examples
         if config.max_eval_examples is not None:
-            valid_examples = valid_examples[: config.max_eval_examples]
+            valid_examples = all_valid_examples[: config.max_eval_examples]
 
     lengths = [len(ex.input_ids) for ex in train_examples]
     try:
@@ -380,7 +386,11 @@ def _run(
             }
             window = {"loss": 0.0, "correct": 0, "tokens": 0}
             if step in plan.eval_steps and valid_batches:
-                metrics.update(_evaluate(model, valid_batches, device, autocast))
+                metrics.update(evaluate(model, valid_batches, device, autocast))
+            if step == plan.total_steps and all_valid_examples:  # See Note: full validation
+                whole = len(valid_examples) == len(all_valid_examples) and "valid_loss" in metrics
+                metrics.update(full_evaluation(model, all_valid_examples, valid_plan(all_valid_examples, config),
+                                               pad_id, device, autocast, metrics if whole else None))
             state["history"].append(metrics)
             cb.on_metrics(step, metrics)
 
@@ -429,24 +439,6 @@ def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
             f"checkpoint {path} was made with different settings ({', '.join(changed)}); "
             "resume with the same config or start a new output_dir"
         )
-
-
-@torch.no_grad()
-def _evaluate(model: torch.nn.Module, batches: list[dict], device: torch.device, autocast: Any) -> dict[str, float]:
-    """Token-weighted mean loss and accuracy over the validation batches (dropout off)."""
-    model.eval()
-    loss, correct, tokens = 0.0, 0, 0
-    try:
-        for b in batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            with autocast:
-                parts = causal_lm_loss(model, b)
-            loss += float(parts.loss_sum)
-            correct += parts.n_correct
-            tokens += parts.n_tokens
-    finally:
-        model.train()
-    return {"valid_loss": loss / max(tokens, 1), "valid_mean_token_accuracy": correct / max(tokens, 1)}
 
 
 def _keep_4bit_layout(model: torch.nn.Module) -> int:

@@ -65,7 +65,13 @@ class ApiKey(Base):
     revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+# The purpose of the CSV a succeeded job leaves (OpenAI's `result_files`); uploads are "fine-tune".
+RESULTS_PURPOSE = "fine-tune-results"
+
+
 class File(Base):
+    """An upload (purpose "fine-tune", JSONL) or a job's results CSV (RESULTS_PURPOSE, written by the worker)."""
+
     __tablename__ = "files"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # file-…
@@ -130,6 +136,8 @@ class Job(Base):
     # The final adapter, relative to artifacts_dir. Set with `succeeded`; NULL again on a succeeded
     # job once its fine-tuned model was deleted (the files are gone too).
     adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # OpenAI's `result_files`: the id of the job's results CSV, set with `succeeded` (worker/results.py).
+    result_files: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

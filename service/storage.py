@@ -1,6 +1,7 @@
 """The file and artifact store on local disk.
 
-Uploads live at `files_dir/<tenant_id>/<file_id>.jsonl`: the path is built from ids the service
+Uploads live at `files_dir/<tenant_id>/<file_id>.jsonl`, and the results CSV the worker writes for
+a succeeded job at `files_dir/<tenant_id>/<file_id>.csv`: the path is built from ids the service
 minted, never from the client's file name (a name like `../../etc/passwd` is only ever a label).
 An upload is streamed to a temporary file next to its final place while its bytes are counted
 and hashed; at the size cap the writer stops and the partial file is deleted (FastAPI has no
@@ -85,14 +86,16 @@ def resolve_under(root: Path, rel: str | os.PathLike[str]) -> Path:
 
 
 class FileSink:
-    """Write one upload to `files_dir/<tenant>/<file_id>.jsonl`, counting and hashing as it goes.
+    """Write one file to `files_dir/<tenant>/<file_id><suffix>`, counting and hashing as it goes.
 
     Use `write()` for each chunk, then `finish()`; `abort()` (or any exception in `write`)
-    removes the partial file.
+    removes the partial file. `suffix` is ".jsonl" for uploads, ".csv" for a job's results.
     """
 
-    def __init__(self, files_dir: Path, tenant_id: str, file_id: str, max_bytes: int) -> None:
-        self.rel_path = f"{_safe_component(tenant_id)}/{_safe_component(file_id)}.jsonl"
+    def __init__(self, files_dir: Path, tenant_id: str, file_id: str, max_bytes: int, suffix: str = ".jsonl") -> None:
+        if suffix not in (".jsonl", ".csv"):
+            raise ValueError(f"file suffix must be .jsonl or .csv, got {suffix!r}")
+        self.rel_path = f"{_safe_component(tenant_id)}/{_safe_component(file_id)}{suffix}"
         self.path = resolve_under(files_dir, self.rel_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -124,6 +127,22 @@ class FileSink:
         if not self._fh.closed:
             self._fh.close()
         self._tmp.unlink(missing_ok=True)
+
+
+def write_file(files_dir: Path, tenant_id: str, file_id: str, data: bytes, suffix: str) -> StoredFile:
+    """Store `data` whole as `files_dir/<tenant>/<file_id><suffix>`, atomically (temp file, fsync, rename).
+
+    Raises:
+        UnsafePath: an id is not a safe path component.
+        OSError: the file could not be written (nothing is left behind).
+    """
+    sink = FileSink(files_dir, tenant_id, file_id, max_bytes=len(data), suffix=suffix)
+    try:
+        sink.write(data)
+        return sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def file_path(files_dir: Path, rel_path: str) -> Path:

@@ -30,7 +30,13 @@ _checkpoints = Checkpoint.__table__
 
 # should_stop is asked every optimizer step; the database at most once per this many seconds.
 CANCEL_POLL_S = 1.0
-METRIC_KEYS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+# What a metrics event's `data` and a checkpoint's `metrics` carry: OpenAI's names, and at the last
+# step of a run with a validation file the base model's full-file figures beside the fine-tuned
+# model's (qlora_core/evaluate.py, See Note: full validation).
+METRIC_KEYS = (
+    "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    "full_valid_loss", "full_valid_mean_token_accuracy", "base_full_valid_loss", "base_full_valid_mean_token_accuracy",
+)  # fmt: skip
 
 
 class LeaseLost(RuntimeError):
@@ -166,6 +172,10 @@ class DbCallback(TrainingCallback):
         message = f"Step {step}/{self.total_steps}: training loss={data.get('train_loss', float('nan')):.4f}"
         if "valid_loss" in data:
             message += f", validation loss={data['valid_loss']:.4f}"
+        if "full_valid_loss" in data:
+            message += f", full validation loss={data['full_valid_loss']:.4f}"
+            if "base_full_valid_loss" in data:
+                message += f" (base model: {data['base_full_valid_loss']:.4f})"
         add_event(self.engine, self.job_id, message, type="metrics", data=data, dedup_key=f"metrics:{step}")
         remaining = self._seconds_remaining(step)
         progress = {"steps_completed": step, "total_steps": self.total_steps, "seconds_remaining": remaining}

@@ -2,8 +2,9 @@
 
 On completion the adapter is packed as `artifacts_dir/jobs/<id>/adapter.tar.gz` (the PEFT files
 at the archive's root, so `tar xzf` + `PeftModel.from_pretrained(dir)` works), the job gets
-an OpenAI-shaped model name `ft:<base>:<tenant>:<suffix>:<id>`, and a `fine_tuned` Model row is
-listed for the tenant. Imported only inside a training child (torch).
+an OpenAI-shaped model name `ft:<base>:<tenant>:<suffix>:<id>`, a `fine_tuned` Model row is
+listed for the tenant, and the job's results CSV becomes a file of the tenant (worker/results.py).
+Imported only inside a training child (torch).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from service.db import Job, JobEvent, Model, Tenant
+from service.db import File, Job, JobEvent, Model, Tenant
 from service.settings import Settings
 from worker.errors import JobFailed
 from worker.events import event_values
@@ -101,7 +102,8 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
         return callback.stop_reason or "cancelled"
     if result.adapter_dir is None:
         raise RuntimeError("training completed without a final adapter")
-    from service.storage import build_adapter_archive
+    from service.storage import build_adapter_archive, delete_file
+    from worker.results import write_results_file
 
     # Built once here so the download endpoint streams a finished file (service.storage packs
     # only the PEFT files, at the archive root). The job and model rows point at the directory.
@@ -109,6 +111,29 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     rel = Path(result.adapter_dir).resolve().relative_to(Path(settings.artifacts_dir).resolve()).as_posix()
     finished = int(time.time())
     progress = {"steps_completed": result.steps, "total_steps": result.total_steps, "seconds_remaining": 0}
+    # Note: one results file. The CSV's bytes are stored first, under a fresh id; its `files` row
+    # is inserted in the transaction below, the one that moves the job from running to succeeded,
+    # so exactly one process ever commits a results file for a job (the guarded UPDATE matches
+    # once). Whatever does not commit (a lost lease, an error, an exception unwinding a dying
+    # process) removes its bytes; a process killed outright between the two leaves only an
+    # unreferenced file, never a second row, and the job's next holder writes its own.
+    results = write_results_file(engine, Path(settings.files_dir), job.id, job.tenant_id)
+    published = False
+    try:
+        published = _publish(engine, job, owner, ft_name, result, rel, finished, progress, results)
+    finally:
+        if not published:
+            delete_file(Path(settings.files_dir), results["storage_path"])
+    return "succeeded" if published else "lease_lost"
+
+
+def _publish(engine: Engine, job: Any, owner: str, ft_name: str, result: Any, rel: str, finished: int,
+             progress: dict, results: dict) -> bool:
+    """Make the job `succeeded` with its model row, results file and closing events, in one transaction.
+
+    Returns:
+        False (nothing written) when the job is no longer this owner's running job.
+    """
     # The job row and its model row change together: a job is never succeeded without its model.
     jobs = Job.__table__
     with engine.begin() as conn:
@@ -123,11 +148,13 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
                 adapter_path=rel,
                 progress=progress,
                 estimated_finish=None,
+                result_files=[results["id"]],
             )
         ).rowcount
         if changed != 1:
             log.warning("job %s changed under us (cancelled or taken over); not publishing", job.id)
-            return "lease_lost"
+            return False
+        conn.execute(insert(File.__table__).values(**results))  # See Note: one results file
         exists = conn.execute(select(_models.c.id).where(_models.c.id == ft_name)).first()
         if exists is None:
             conn.execute(
@@ -150,7 +177,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
                 event_values(job.id, "The job has successfully completed"),
             ],
         )
-    return "succeeded"
+    return True
 
 
 def _cuda_oom() -> type[BaseException]:

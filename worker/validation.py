@@ -29,17 +29,20 @@ def file_path(engine: Engine, settings: Settings, file_id: str, tenant_id: str, 
     """Where the upload `file_id` of `tenant_id` lies on disk.
 
     Raises:
-        JobFailed: `invalid_training_file` when the file is gone (deleted or missing on disk).
+        JobFailed: `invalid_training_file` when the file is gone (deleted or missing on disk) or is
+            not a dataset (purpose other than `fine-tune`, e.g. a job's results file).
     """
 
     with engine.connect() as conn:
         row = conn.execute(
-            select(_files.c.storage_path, _files.c.deleted_at).where(
+            select(_files.c.storage_path, _files.c.deleted_at, _files.c.purpose).where(
                 _files.c.id == file_id, _files.c.tenant_id == tenant_id
             )
         ).one_or_none()
     if row is None or row.deleted_at is not None:
         raise JobFailed("invalid_training_file", f"File {file_id} was not found (it may have been deleted)", param)
+    if row.purpose != "fine-tune":  # the API refuses these too; a results CSV is no dataset
+        raise JobFailed("invalid_training_file", f"File {file_id} has purpose {row.purpose!r}, not 'fine-tune'", param)
     path = Path(settings.files_dir) / row.storage_path
     if not path.is_file():
         raise JobFailed("invalid_training_file", f"File {file_id} is missing from the file store", param)

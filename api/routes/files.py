@@ -1,5 +1,9 @@
 """`/v1/files`: upload, list, retrieve, download and delete training files (OpenAI's Files API).
 
+Besides the uploads (purpose `fine-tune`), a tenant's files include the results CSV of each of its
+succeeded jobs (purpose `fine-tune-results`, written by the worker: worker/results.py); they are
+listed, read and deleted like any file, but cannot be uploaded or trained on.
+
 An upload is streamed to disk under a service-minted name with the size cap enforced while
 reading (api/upload.py), hashed, then validated line by line with
 `qlora_core.validate.validate_jsonl`; a bad file is refused with 400 listing its line numbers
@@ -22,7 +26,7 @@ from api.routes.pagination import paginate
 from api.schemas import ErrorResponse, FileDeleted, FileList, FileObject
 from api.upload import receive_upload
 from qlora_core.validate import validate_jsonl
-from service.db import ACTIVE_STATUSES, File, Job, new_id, now
+from service.db import ACTIVE_STATUSES, RESULTS_PURPOSE, File, Job, new_id, now
 from service.storage import ArtifactMissing, FileSink, delete_file, file_path
 
 log = logging.getLogger(__name__)
@@ -117,14 +121,17 @@ def retrieve_file(file_id: str, principal: PrincipalDep, session: SessionDep) ->
 
 
 @router.get("/{file_id}/content", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                                         "text/csv": {"schema": {"type": "string"}}}}})
 def retrieve_file_content(file_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> FileResponse:
-    """The file's bytes, exactly as uploaded."""
+    """The file's bytes: an upload exactly as uploaded, a job's results file as plain CSV."""
     f = get_file(session, principal.tenant_id, file_id)
     try:
         path = file_path(settings.files_dir, f.storage_path)
     except ArtifactMissing:
         raise APIError(410, f"The content of {file_id} is no longer on disk.", code="file_content_missing") from None
+    if f.purpose == RESULTS_PURPOSE:  # OpenAI's is base64-encoded CSV; ours is the CSV itself (README)
+        return FileResponse(path, media_type="text/csv; charset=utf-8", filename=f"{f.id}.csv")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{f.id}.jsonl")
 
 

@@ -1,4 +1,4 @@
-"""Events (list and SSE), checkpoints and adapter downloads of a job.
+"""Events (list and SSE), checkpoints, adapter downloads and the results file of a job.
 
 The rows a worker writes (events, checkpoints, a succeeded status, the adapter directory) are
 written here directly, as the worker would; the end-to-end path is in tests/e2e.
@@ -15,9 +15,10 @@ import pytest
 from sqlalchemy import select, update
 
 from qlora_core.store import BUNDLED_MODEL_ID
-from service.database import session_scope
-from service.db import Checkpoint, Job, JobEvent, Model, Tenant, new_id
+from service.database import get_engine, session_scope
+from service.db import Checkpoint, File, Job, JobEvent, Model, Tenant, new_id
 from tests.api.conftest import assert_error, jsonl, upload
+from worker.results import write_results_file
 
 
 @pytest.fixture()
@@ -40,10 +41,11 @@ def _finish(settings, job_id: str, steps: int = 3) -> list[str]:
     The rows and files a worker writes for a job that trained `steps` steps are written straight
     into the database and the artifacts dir: `steps` metrics events, checkpoints at steps 2 and 3
     with their adapter directories, the final adapter, the job row set to `succeeded` with
-    `fine_tuned_model` (named as worker/training.py names it), `finished_at` and `trained_tokens`,
-    and the tenant's `models` row for it. The adapters hold marker bytes, not
+    `fine_tuned_model` (named as worker/training.py names it), `finished_at`, `trained_tokens` and
+    `result_files`, the tenant's `models` row for it, and its results CSV (made from those events
+    by the worker's own `worker.results.write_results_file`). The adapters hold marker bytes, not
     weights. Enough for tests of what the API serves from those rows (listing, paging, tenancy,
-    downloads); the real worker writing them is tested end to end in tests/e2e.
+    downloads); the real worker writing them is tested in tests/worker and end to end in tests/e2e.
 
     Returns:
         The checkpoint ids, oldest (step 2) first.
@@ -72,6 +74,10 @@ def _finish(settings, job_id: str, steps: int = 3) -> list[str]:
         # `created` must come from the job (tests/api/test_models.py).
         s.add(Model(id=ft, tenant_id=tenant_id, kind="fine_tuned", base_model=BUNDLED_MODEL_ID, job_id=job_id,
                     artifact_path=final, owned_by=tenant_id))
+    results = write_results_file(get_engine(settings.database_url), Path(settings.files_dir), job_id, tenant_id)
+    with session_scope(settings.database_url) as s:
+        s.add(File(**results))
+        s.execute(update(Job).where(Job.id == job_id).values(result_files=[results["id"]]))
     return ckpts
 
 
@@ -135,3 +141,42 @@ def test_adapter_path_outside_the_store_is_never_served(client, alice, settings,
         s.execute(update(Job).where(Job.id == job_id).values(adapter_path="../../../etc"))
     (Path(settings.artifacts_dir) / f"jobs/{job_id}/adapter.tar.gz").unlink(missing_ok=True)
     assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter", headers=alice.headers), 410, "artifact_missing")
+
+
+RESULTS_HEADER = "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+
+
+def test_results_file_is_a_file_of_the_tenant(client, alice, bob, settings, job_id):
+    """A succeeded job's `result_files` names a CSV that reads, lists and deletes like any file,
+    is the tenant's alone, and cannot be trained on."""
+    _finish(settings, job_id)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=alice.headers).json()
+    assert len(job["result_files"]) == 1
+    rid = job["result_files"][0]
+    meta = client.get(f"/v1/files/{rid}", headers=alice.headers).json()
+    assert meta["object"] == "file" and meta["purpose"] == "fine-tune-results"
+    assert meta["filename"] == "step_metrics.csv" and meta["status"] == "processed"
+    resp = client.get(f"/v1/files/{rid}/content", headers=alice.headers)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv")
+    # plain CSV, one row per metrics event (_finish's: train_loss 2/step, no evaluation)
+    assert resp.text.splitlines() == [RESULTS_HEADER, "1,2.0,,,", "2,1.0,,,", "3,0.6666666666666666,,,"]
+    assert meta["bytes"] == len(resp.content)
+    listed = client.get("/v1/files", headers=alice.headers, params={"purpose": "fine-tune-results"}).json()["data"]
+    assert [f["id"] for f in listed] == [rid]
+    assert rid in [f["id"] for f in client.get("/v1/files", headers=alice.headers).json()["data"]]
+
+    for path in (f"/v1/files/{rid}", f"/v1/files/{rid}/content"):
+        assert_error(client.get(path, headers=bob.headers), 404)
+    assert_error(client.delete(f"/v1/files/{rid}", headers=bob.headers), 404)
+    for param in ("training_file", "validation_file"):
+        fid = upload(client, alice, jsonl(10)).json()["id"]
+        body = {"model": BUNDLED_MODEL_ID, "training_file": fid, param: rid}
+        err = assert_error(client.post("/v1/fine_tuning/jobs", headers=alice.headers, json=body), 400,
+                           "invalid_file_purpose", param)
+        assert "fine-tune-results" in err["message"]
+
+    deleted = client.delete(f"/v1/files/{rid}", headers=alice.headers).json()
+    assert deleted == {"id": rid, "object": "file", "deleted": True}
+    assert_error(client.get(f"/v1/files/{rid}", headers=alice.headers), 404)
+    assert_error(client.get(f"/v1/files/{rid}/content", headers=alice.headers), 404)
+    assert client.get("/v1/files", headers=alice.headers, params={"purpose": "fine-tune-results"}).json()["data"] == []

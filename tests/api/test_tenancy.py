@@ -19,9 +19,11 @@ def test_other_tenants_objects_are_404_everywhere(client, alice, bob, settings):
     # is trained): every endpoint below then has a real object to refuse to bob, and tenancy is a
     # property of the rows, not of how a worker made them.
     ckpts = _finish(settings, jid)
-    ft = client.get(f"/v1/fine_tuning/jobs/{jid}", headers=alice.headers).json()["fine_tuned_model"]
+    job = client.get(f"/v1/fine_tuning/jobs/{jid}", headers=alice.headers).json()
+    ft, (results,) = job["fine_tuned_model"], job["result_files"]
     own = [
         ("GET", f"/v1/files/{fid}"), ("GET", f"/v1/files/{fid}/content"),
+        ("GET", f"/v1/files/{results}"), ("GET", f"/v1/files/{results}/content"),
         ("GET", f"/v1/fine_tuning/jobs/{jid}"), ("GET", f"/v1/fine_tuning/jobs/{jid}/events"),
         ("GET", f"/v1/fine_tuning/jobs/{jid}/checkpoints"), ("GET", f"/v1/fine_tuning/jobs/{jid}/adapter"),
         ("GET", f"/v1/fine_tuning/jobs/{jid}/checkpoints/{ckpts[0]}/adapter"),
@@ -32,6 +34,7 @@ def test_other_tenants_objects_are_404_everywhere(client, alice, bob, settings):
         assert_error(client.request(method, path, headers=bob.headers), 404)
     assert_error(client.post(f"/v1/fine_tuning/jobs/{jid}/cancel", headers=bob.headers), 404)
     assert_error(client.delete(f"/v1/files/{fid}", headers=bob.headers), 404)
+    assert_error(client.delete(f"/v1/files/{results}", headers=bob.headers), 404)
     assert_error(client.delete(f"/v1/models/{ft}", headers=bob.headers), 404, "model_not_found")
     assert_error(client.get(f"/v1/fine_tuning/jobs/{jid}/events", headers=bob.headers, params={"stream": "true"}), 404)
     # bob cannot train on alice's file, nor use her ids as cursors

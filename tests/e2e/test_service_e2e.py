@@ -94,6 +94,11 @@ def test_whole_job_from_upload_to_peft_adapter(live: LiveService, tmp_path: Path
     assert [c.step_number for c in ckpts] == [4, 2]  # newest first; the last is the final step
     assert ckpts[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"
     assert job.fine_tuned_model in {m.id for m in client.models.list().data}
+    # OpenAI's results file: plain CSV here, one row per metrics event
+    (results,) = job.result_files
+    rows = client.files.content(results).text.splitlines()
+    assert rows[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]
 
     resp = httpx.get(f"{live.base_url}/v1/fine_tuning/jobs/{job.id}/adapter", headers=live.headers, timeout=60)
     assert resp.status_code == 200

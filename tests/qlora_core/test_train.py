@@ -195,6 +195,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, data_files, tmp_path, stop_
         return {k: v for k, v in m.items() if k != "elapsed_s"}
 
     assert [strip(m) for _, m in resumed_cb.metrics] == [strip(m) for s, m in straight.metrics if s > resumed_from]
+    assert "full_valid_loss" in resumed_cb.metrics[-1][1]  # replayed with the last step (See Note: full validation)
     assert resumed.trained_tokens == reference.trained_tokens
 
 
@@ -295,8 +296,118 @@ def test_saved_adapter_reproduces_final_validation(tiny_model_dir, data_files, t
     # Training upcasts norms/embeddings to fp32 (prepare_model_for_kbit_training); a fresh load keeps
     # them in bf16, so agreement is to bf16 rounding, not bitwise.
     assert loss / tokens == pytest.approx(reported["valid_loss"], rel=2e-3)
+    # no max_eval_examples: the last evaluation already covered the whole file, and is reported as such
+    assert reported["full_valid_loss"] == reported["valid_loss"]
     base_loss = cb.metrics[0][1]["train_loss"]
     assert loss / tokens < base_loss - 0.3  # trained, not the base (See Note: the tiny model's loss floor)
+
+
+def _independent_eval(model, examples: list, config: TrainConfig, pad_id: int) -> tuple[float, float]:
+    """Token-weighted loss and accuracy over every example, computed here (not by qlora_core.evaluate)."""
+    from qlora_core import data
+    from qlora_core.loss import causal_lm_loss
+    from qlora_core.plan import valid_plan
+
+    loss, correct, tokens = 0.0, 0, 0
+    with torch.no_grad():
+        for rows in valid_plan(examples, config):
+            parts = causal_lm_loss(model, data.collate(examples, rows, pad_id))
+            loss, correct, tokens = loss + float(parts.loss_sum), correct + parts.n_correct, tokens + parts.n_tokens
+    return loss / tokens, correct / tokens
+
+
+# Same 4-bit weights, the same bitsandbytes layout and fp32 arithmetic on both sides: measured equal
+# to the last bit on an AVX512-BF16 CPU; the tolerance leaves room for the training model's fused
+# layers and PEFT's stock forward summing in different orders elsewhere. Without the layout setting,
+# the fresh model's bitsandbytes CPU kernel alone moved the base loss by 1.5e-5 (See Note: CPU
+# inference repacking).
+FULL_EVAL_RTOL = 1e-5
+
+
+def test_full_validation_covers_the_whole_file_beside_the_base_model(tiny_model_dir, data_files, tmp_path):
+    """`full_valid_*` is the fine-tuned model on every validation example, whatever max_eval_examples
+    says, and `base_full_valid_*` the same pass with the adapter disabled (See Note: full validation)."""
+    from peft import PeftModel
+
+    from qlora_core import data, models
+
+    train_file, valid_file = data_files
+    config = _config(n_epochs=2, learning_rate=1e-2, max_eval_examples=2, compute_dtype="float32")
+    cb = Recorder()
+    result = train(tiny_model_dir, train_file, tmp_path / "run", config, valid_file=valid_file, callback=cb)
+    full_keys = {"full_valid_loss", "full_valid_mean_token_accuracy", "base_full_valid_loss",
+                 "base_full_valid_mean_token_accuracy"}
+    last = cb.metrics[-1][1]
+    assert full_keys <= set(last) and not any(full_keys & set(m) for _, m in cb.metrics[:-1])
+    assert cb.checkpoints[-1][2] == last
+    assert {k: result.metrics[k] for k in full_keys} == {k: last[k] for k in full_keys}
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    examples, _ = data.tokenize_file(tokenizer, valid_file, config.max_seq_length, config.train_on_inputs)
+    assert len(examples) == 6 > config.max_eval_examples
+    model = PeftModel.from_pretrained(models.load_quantized_model(tiny_model_dir, compute_dtype="float32"),
+                                      str(result.adapter_dir)).eval()
+    for module in model.modules():  # the trained layout, as in training (See Note: CPU inference repacking)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    loss, accuracy = _independent_eval(model, examples, config, tokenizer.pad_token_id)
+    assert last["full_valid_loss"] == pytest.approx(loss, rel=FULL_EVAL_RTOL)
+    assert last["full_valid_mean_token_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    with model.disable_adapter():
+        base_loss, base_accuracy = _independent_eval(model, examples, config, tokenizer.pad_token_id)
+    assert last["base_full_valid_loss"] == pytest.approx(base_loss, rel=FULL_EVAL_RTOL)
+    assert last["base_full_valid_mean_token_accuracy"] == pytest.approx(base_accuracy, abs=1e-9)
+    # the adapter really was off for the base pass, and the capped evaluation saw less than the file
+    assert abs(base_loss - loss) > 0.1, (base_loss, loss)
+    capped, _ = _independent_eval(model, examples[:2], config, tokenizer.pad_token_id)
+    assert last["valid_loss"] == pytest.approx(capped, rel=FULL_EVAL_RTOL) and capped != pytest.approx(loss)
+
+
+class _Killed(Exception):
+    """A run dying (a kill, a power cut) at the named point."""
+
+
+def test_full_validation_is_recomputed_after_a_kill_and_kept_from_the_final_checkpoint(
+    tiny_model_dir, data_files, tmp_path, monkeypatch
+):
+    """Killed after the last optimizer step but before the full evaluation: the resumed run replays
+    the step and reports the same figures. Killed after the final checkpoint (before the adapter):
+    the resumed run reports them from the checkpoint and emits no metrics again."""
+    import qlora_core.train as train_module
+
+    train_file, valid_file = data_files
+    config = _config(checkpoint_steps=2)  # 4 steps: checkpoints at 2 and 4
+    straight = Recorder()
+    train(tiny_model_dir, train_file, tmp_path / "a", config, valid_file=valid_file, callback=straight)
+    expected = {k: v for k, v in straight.metrics[-1][1].items() if k != "elapsed_s"}
+    assert "full_valid_loss" in expected
+
+    def killed(*args, **kwargs):
+        raise _Killed("after training, before the full evaluation")
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "full_evaluation", killed)
+        with pytest.raises(_Killed):
+            train(tiny_model_dir, train_file, tmp_path / "b", config, valid_file=valid_file, callback=Recorder())
+    resumed = Recorder()
+    result = train(tiny_model_dir, train_file, tmp_path / "b", config, valid_file=valid_file, callback=resumed)
+    assert resumed.start["resumed_from_step"] == 2 and [s for s, _ in resumed.metrics] == [3, 4]
+    assert {k: v for k, v in resumed.metrics[-1][1].items() if k != "elapsed_s"} == expected
+    assert result.metrics["full_valid_loss"] == expected["full_valid_loss"]
+
+    class NoAdapterWrite(Recorder):
+        def may_write(self, step: int) -> bool:  # the final checkpoint is written, the adapter is not
+            return not any(s == step for s, _, _ in self.checkpoints)
+
+    stopped = train(tiny_model_dir, train_file, tmp_path / "c", config, valid_file=valid_file,
+                    callback=NoAdapterWrite())
+    assert stopped.status == "stopped" and stopped.steps == 4
+    again = Recorder()
+    result = train(tiny_model_dir, train_file, tmp_path / "c", config, valid_file=valid_file, callback=again)
+    assert again.start["resumed_from_step"] == 4 and again.metrics == []  # nothing replayed, no duplicate event
+    assert result.status == "completed"
+    full = [k for k in expected if "full_valid" in k]
+    assert len(full) == 4 and {k: result.metrics[k] for k in full} == {k: expected[k] for k in full}
 
 
 @pytest.mark.slow

@@ -7,6 +7,9 @@ function the Celery task calls.
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
 import tarfile
 import time
@@ -50,23 +53,31 @@ def _chat(i: int) -> dict[str, Any]:
                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
 
 
-def _create_job(settings: Settings, engine: Engine, n_examples: int, **config: Any) -> str:
-    tenant, file_id, job_id = new_id("org"), new_id("file"), new_id("ftjob")
-    rel = f"{tenant}/{file_id}.jsonl"
-    path = Path(settings.files_dir) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(n_examples)))
+def _create_job(settings: Settings, engine: Engine, n_examples: int, n_valid: int = 0, **config: Any) -> str:
+    """A tenant, its training file (and, with `n_valid`, a validation file of other sums) and a job."""
+    tenant, job_id = new_id("org"), new_id("ftjob")
     cfg = TrainConfig(lora_r=4, lora_alpha=8, batch_size=4, gradient_accumulation_steps=1, max_seq_length=64,
                       learning_rate=1e-3, compute_dtype="float32", optimizer="adamw_torch", **config)
     with engine.begin() as conn:
         conn.execute(insert(Tenant.__table__).values(id=tenant, name="acme"))
-        conn.execute(insert(File.__table__).values(id=file_id, tenant_id=tenant, filename="train.jsonl",
-                                                   purpose="fine-tune", bytes=path.stat().st_size, sha256="0" * 64,
-                                                   storage_path=rel, n_examples=n_examples))
+        file_id = _add_file(settings, conn, tenant, "train.jsonl", range(n_examples))
+        valid_id = _add_file(settings, conn, tenant, "valid.jsonl", range(100, 100 + n_valid)) if n_valid else None
         conn.execute(insert(Job.__table__).values(id=job_id, tenant_id=tenant, model=TINY_ID, training_file=file_id,
-                                                  status="validating_files", seed=0, suffix="math",
-                                                  hyperparameters={}, config=cfg.to_dict()))
+                                                  validation_file=valid_id, status="validating_files", seed=0,
+                                                  suffix="math", hyperparameters={}, config=cfg.to_dict()))
     return job_id
+
+
+def _add_file(settings: Settings, conn: Any, tenant: str, name: str, numbers: range) -> str:
+    file_id = new_id("file")
+    rel = f"{tenant}/{file_id}.jsonl"
+    path = Path(settings.files_dir) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(_chat(i)) + "\n" for i in numbers))
+    conn.execute(insert(File.__table__).values(id=file_id, tenant_id=tenant, filename=name, purpose="fine-tune",
+                                               bytes=path.stat().st_size, sha256="0" * 64, storage_path=rel,
+                                               n_examples=len(numbers)))
+    return file_id
 
 
 def _job(engine: Engine, job_id: str) -> Any:
@@ -119,6 +130,99 @@ def test_job_runs_to_success_with_events_checkpoints_and_adapter(env: tuple[Sett
     base = AutoModelForCausalLM.from_pretrained(ModelStore(settings.models_dir).model_path(TINY_ID))
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+RESULTS_HEADER = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+FULL_KEYS = ("full_valid_loss", "full_valid_mean_token_accuracy", "base_full_valid_loss",
+             "base_full_valid_mean_token_accuracy")
+
+
+def _results_files(engine: Engine, tenant_id: str) -> list[Any]:
+    t = File.__table__
+    with engine.connect() as conn:
+        return list(conn.execute(select(t).where(t.c.tenant_id == tenant_id, t.c.purpose == "fine-tune-results")))
+
+
+def _read_results(settings: Settings, row: Any) -> list[dict[str, str]]:
+    path = Path(settings.files_dir) / row.storage_path
+    assert row.bytes == path.stat().st_size and row.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    reader = csv.DictReader(io.StringIO(path.read_text()))
+    assert reader.fieldnames == RESULTS_HEADER
+    return list(reader)
+
+
+def test_succeeded_job_has_one_results_csv_and_full_validation(env: tuple[Settings, Engine]) -> None:
+    settings, engine = env
+    job_id = _create_job(settings, engine, 16, n_valid=6, max_steps=4, n_checkpoints=2, eval_steps=2,
+                         max_eval_examples=2)
+    assert run_job_here(engine, settings, job_id, NODE) == "succeeded"
+    job = _job(engine, job_id)
+    (results,) = _results_files(engine, job.tenant_id)
+    assert job.result_files == [results.id]
+    assert results.filename == "step_metrics.csv" and results.status == "processed" and results.deleted_at is None
+
+    # one CSV row per metrics event, with the event's values; empty cells where a step did not evaluate
+    metrics = [e.data for e in _events(engine, job_id) if e.type == "metrics"]
+    rows = _read_results(settings, results)
+    assert [int(r["step"]) for r in rows] == [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for row, m in zip(rows, metrics):
+        assert float(row["train_loss"]) == m["train_loss"]
+        assert float(row["train_accuracy"]) == m["train_mean_token_accuracy"]
+        for key in ("valid_loss", "valid_mean_token_accuracy"):
+            assert (float(row[key]) == m[key]) if key in m else row[key] == "", (key, row, m)
+    assert [r["valid_loss"] != "" for r in rows] == [False, True, False, True]  # eval_steps=2
+
+    # the whole validation file (6 examples; the evaluations saw 2), on the last step only, with
+    # the base model beside it, in the last metrics event and the last checkpoint alike
+    last = metrics[-1]
+    assert set(FULL_KEYS) <= set(last) and not any(k in m for m in metrics[:-1] for k in FULL_KEYS)
+    assert last["full_valid_loss"] != last["valid_loss"]
+    with engine.connect() as conn:
+        t = Checkpoint.__table__
+        final = conn.execute(select(t).where(t.c.job_id == job_id).order_by(t.c.step_number.desc())).first()
+    assert final.step_number == 4 and {k: final.metrics[k] for k in FULL_KEYS} == {k: last[k] for k in FULL_KEYS}
+    assert "full validation loss" in [e for e in _events(engine, job_id) if e.type == "metrics"][-1].message
+
+    # a redelivered message for the finished job adds nothing
+    assert run_job_here(engine, settings, job_id, NODE) == "skipped"
+    assert [r.id for r in _results_files(engine, job.tenant_id)] == [results.id]
+
+
+class _Killed(BaseException):
+    """The worker process dying while it publishes (what a signal handler raising SystemExit does)."""
+
+
+def test_success_replayed_after_dying_mid_publish_leaves_one_results_file(
+    env: tuple[Settings, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.training
+
+    settings, engine = env
+    job_id = _create_job(settings, engine, 12, n_valid=4, max_steps=2)
+
+    def die(*args: Any, **kwargs: Any) -> Any:
+        raise _Killed()
+
+    # The closing events are built inside the publishing transaction, after the results row.
+    with monkeypatch.context() as m:
+        m.setattr(worker.training, "event_values", die)
+        with pytest.raises(_Killed):
+            run_job_here(engine, settings, job_id, NODE)
+    job = _job(engine, job_id)
+    assert job.status == "running" and job.result_files is None
+    assert _results_files(engine, job.tenant_id) == []
+    assert list((Path(settings.files_dir) / job.tenant_id).glob("*.csv")) == []  # its bytes went too
+
+    # The job's next run resumes from the final checkpoint and publishes once.
+    assert run_job_here(engine, settings, job_id, NODE) == "succeeded"
+    job = _job(engine, job_id)
+    (results,) = _results_files(engine, job.tenant_id)
+    assert job.result_files == [results.id]
+    assert [p.name for p in (Path(settings.files_dir) / job.tenant_id).glob("*.csv")] == [f"{results.id}.csv"]
+    metrics = [e.data for e in _events(engine, job_id) if e.type == "metrics"]
+    assert [m["step"] for m in metrics] == [1, 2] and set(FULL_KEYS) <= set(metrics[-1])
+    assert [int(r["step"]) for r in _read_results(settings, results)] == [1, 2]
+    assert "Fine-tuning job resumed" in [e.message for e in _events(engine, job_id)]
 
 
 def test_too_few_examples_fails_with_openai_code(env: tuple[Settings, Engine]) -> None:
