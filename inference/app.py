@@ -118,7 +118,8 @@ def create_app(engine: Engine) -> FastAPI:
             return StreamingResponse(_stream(meta, events, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         try:
-            return JSONResponse(await _collect(meta, events))
+            status, answer = await _collect(meta, events)
+            return JSONResponse(answer, status)
         finally:
             request.cancelled.set()  # a no-op when it finished; stops the rows when the client left
 
@@ -160,7 +161,8 @@ class _Meta:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-async def _collect(meta: _Meta, events: asyncio.Queue[tuple[str, Any]]) -> dict[str, Any]:
+async def _collect(meta: _Meta, events: asyncio.Queue[tuple[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """(status, body): the whole answer, or the error that ended it."""
     texts = [""] * meta.n_choices
     reasons: list[str | None] = [None] * meta.n_choices
     while True:
@@ -170,6 +172,8 @@ async def _collect(meta: _Meta, events: asyncio.Queue[tuple[str, Any]]) -> dict[
         elif kind == "done":
             reasons[value[0]] = value[1]
             meta.completion_tokens += value[2]
+        elif kind == "error":
+            return value.status, _error(value)
         elif kind == "end":
             break
     if meta.chat:
@@ -178,8 +182,8 @@ async def _collect(meta: _Meta, events: asyncio.Queue[tuple[str, Any]]) -> dict[
     else:
         choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                    for i, (t, r) in enumerate(zip(texts, reasons))]  # fmt: skip
-    return {"id": meta.id, "object": "chat.completion" if meta.chat else "text_completion", "created": meta.created,
-            "model": meta.model, "choices": choices, "usage": meta.usage()}  # fmt: skip
+    return 200, {"id": meta.id, "object": "chat.completion" if meta.chat else "text_completion",
+                 "created": meta.created, "model": meta.model, "choices": choices, "usage": meta.usage()}  # fmt: skip
 
 
 async def _stream(meta: _Meta, events: asyncio.Queue[tuple[str, Any]], request: GenerationRequest) -> AsyncIterator[bytes]:

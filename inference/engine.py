@@ -215,11 +215,30 @@ class Engine:
                     item = "idle"
             if item is None:
                 break
-            self._admit(waiting, running)
+            try:
+                self._admit(waiting, running)
+            except Exception as e:  # noqa: BLE001 - reported to every caller it concerns, then go on
+                self._fail(running, waiting, e)
+                continue
             for base_id, batch in list(running.items()):
                 if batch.rows:
-                    self._step(self.bases[base_id], batch)
+                    try:
+                        self._step(self.bases[base_id], batch)
+                    except Exception as e:  # noqa: BLE001
+                        self._fail({base_id: batch}, [], e)
                     self.steps += 1
+
+    def _fail(self, running: dict, waiting: list, exc: Exception) -> None:
+        """A forward failed (out of memory, a bug): its requests get an error, the engine goes on."""
+        log.exception("generation failed: %s", exc)
+        error = RequestError(500, f"generation failed on the inference server: {type(exc).__name__}: {exc}")
+        requests = {id(r.request): r.request for b in running.values() for r in b.rows}
+        requests.update({id(r.request): r.request for _, rows in waiting for r in rows})
+        for request in requests.values():
+            request.emit("error", error)
+        for batch in running.values():
+            batch.rows, batch.cache, batch.mask = [], None, None
+        waiting.clear()
 
     def _handle(self, item: tuple[str, Any], waiting: list, running: dict) -> None:
         kind, value = item

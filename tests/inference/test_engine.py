@@ -175,3 +175,26 @@ def test_lru_keeps_adapters_within_the_budget_and_evict_drops_one(tiny_model_dir
         assert again["reason"]
     finally:
         eng.stop()
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(engine: Engine, monkeypatch) -> None:
+    """An error inside generation (out of memory, say) reaches the caller; later requests still work."""
+    real = Engine._forward
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("simulated allocator failure")
+
+    monkeypatch.setattr(Engine, "_forward", broken)
+    failed = {"e": None}
+    done = threading.Event()
+
+    def emit(kind, value):
+        if kind == "error":
+            failed["e"] = value
+            done.set()
+
+    engine.submit(GenerationRequest(base_model_id="tiny", prompts=[PROMPT], max_tokens=4, emit=emit))
+    assert done.wait(60)
+    assert failed["e"].status == 500 and "simulated allocator failure" in failed["e"].message
+    monkeypatch.setattr(Engine, "_forward", real)
+    assert _run(engine, prompts=[PROMPT], max_tokens=3, temperature=0.0)["reason"][0] in ("stop", "length")
