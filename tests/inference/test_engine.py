@@ -198,3 +198,23 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(engine: Eng
     assert failed["e"].status == 500 and "simulated allocator failure" in failed["e"].message
     monkeypatch.setattr(Engine, "_forward", real)
     assert _run(engine, prompts=[PROMPT], max_tokens=3, temperature=0.0)["reason"][0] in ("stop", "length")
+
+
+def test_an_adapter_loaded_after_the_base_ran_still_answers_as_peft(tiny_model_dir: Path, adapters: list[Path],
+                                                                    engine: Engine) -> None:
+    """Loading an adapter must not touch the base: on a CPU, bitsandbytes repacks 4-bit weights on
+    their first forward, and PEFT's loader reads the model's state dict, which unpacks and
+    re-quantizes every layer (moving the weights). The engine's loader copies the adapter tensors
+    into the LoRA modules instead."""
+    _run(engine, prompts=[PROMPT], max_tokens=4, temperature=0.0)  # the base runs first
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    slot = engine.bases["tiny"]
+    with torch.no_grad():
+        before = slot.model(input_ids=ids).logits
+    for i in (1, 2):
+        want = _peft_greedy(tiny_model_dir, adapters[i], 16)
+        got = _run(engine, prompts=[PROMPT], max_tokens=16, temperature=0.0, adapter_key=f"a{i}",
+                   adapter_path=str(adapters[i]))  # fmt: skip
+        assert got["ids"][0] == want, i
+    with torch.no_grad(), slot.peft.disable_adapter():
+        assert torch.equal(slot.peft(input_ids=ids).logits, before)  # the base did not move
