@@ -255,6 +255,17 @@ class CheckpointList(BaseModel):
     last_id: str | None = None
 
 
+class MergedExportPending(BaseModel):
+    """202 from `GET .../merged` while a worker builds the archive (our extension, not OpenAI's)."""
+
+    object: Literal["fine_tuning.job.merged_export"] = "fine_tuning.job.merged_export"
+    fine_tuning_job_id: str
+    status: Literal["building"] = "building"
+    requested_at: int
+    retry_after: int  # seconds, as in the Retry-After header
+    message: str
+
+
 # --- models ----------------------------------------------------------------------------------
 
 

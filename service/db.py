@@ -138,6 +138,14 @@ class Job(Base):
     adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     # OpenAI's `result_files`: the id of the job's results CSV, set with `succeeded` (worker/results.py).
     result_files: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    # Note: merged export. The merged 16-bit model of a succeeded job (GET .../merged) is built on
+    # request by a worker (worker/export.py) into artifacts_dir/jobs/<id>/merged.tar.gz. This records
+    # the request: NULL (never asked), or {"status": "building" | "succeeded" | "failed",
+    # "request_id", "requested_at", "attempts", "build_starts", "error": {"code", "message"} | None,
+    # "finished_at"}. Every write is an UPDATE guarded by the `request_id` it read: of two polls at
+    # once only one sends a message, and a worker never overwrites a newer request. The archive on
+    # disk, renamed into place whole, is what is served.
+    merged_export: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

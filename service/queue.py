@@ -1,4 +1,4 @@
-"""The Celery app that carries "go train job X" from the API to a worker (torch-free).
+"""The Celery app that carries "go train job X" (and "build job X's merged model") to a worker (torch-free).
 
 The database is the one source of truth for a job; a message carries only the job id and may be
 delivered twice or lost without harm: the worker takes a lease on the job row before it trains
@@ -23,6 +23,8 @@ from service.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 TASK_RUN_JOB = "qlora.run_job"
+# Build a succeeded job's merged 16-bit model archive (worker/export.py); same queue, same workers.
+TASK_EXPORT_MERGED = "qlora.export_merged"
 QUEUE = "qlora"
 
 # Note: redis visibility timeout. With late acks, Redis re-delivers a message that is not
@@ -55,7 +57,7 @@ def make_celery(settings: Settings) -> Celery:
         transport_options["connect_args"] = {"timeout": 30}
     app.conf.update(
         task_default_queue=QUEUE,
-        task_routes={TASK_RUN_JOB: {"queue": QUEUE}},
+        task_routes={TASK_RUN_JOB: {"queue": QUEUE}, TASK_EXPORT_MERGED: {"queue": QUEUE}},
         task_ignore_result=True,
         result_backend=None,
         task_serializer="json",
@@ -103,6 +105,20 @@ def enqueue_job(job_id: str) -> None:
     """
     celery_app().send_task(TASK_RUN_JOB, args=[job_id], queue=QUEUE, ignore_result=True)
     log.info("enqueued %s", job_id)
+
+
+def enqueue_export(job_id: str) -> None:
+    """Send "build the merged model of job `job_id`" to the workers' queue (only the id travels).
+
+    Args:
+        job_id: the `ftjob-...` id of a succeeded job whose `merged_export` request is committed.
+
+    Raises:
+        kombu.exceptions.OperationalError: the broker cannot be reached (the request is retried
+            by the next poll; see Note: merged export requests in api/routes/job_outputs.py).
+    """
+    celery_app().send_task(TASK_EXPORT_MERGED, args=[job_id], queue=QUEUE, ignore_result=True)
+    log.info("enqueued the merged export of %s", job_id)
 
 
 def broker_reachable(timeout: float = 2.0) -> bool:

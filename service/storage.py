@@ -8,7 +8,8 @@ and hashed; at the size cap the writer stops and the partial file is deleted (Fa
 upload limit of its own, REFERENCES.md "FastAPI"). Artifact paths recorded in the database are
 relative to `artifacts_dir` and are resolved with a containment check, so a bad row cannot make
 the API serve a file outside the store. Adapter downloads are `.tar.gz` files whose root holds
-`adapter_config.json` and `adapter_model.safetensors`, PEFT's `save_pretrained` layout.
+`adapter_config.json` and `adapter_model.safetensors`, PEFT's `save_pretrained` layout; a merged
+model's is a Hugging Face model directory (`build_model_archive`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ OPTIONAL_ADAPTER_FILES = ("README.md",)
 def job_archive_rel(job_id: str) -> str:
     """Where a job's final adapter archive lives, relative to artifacts_dir (the worker builds it there)."""
     return f"jobs/{_safe_component(job_id)}/adapter.tar.gz"
+
+
+def merged_archive_rel(job_id: str) -> str:
+    """Where a job's merged 16-bit model archive lives, relative to artifacts_dir (worker/export.py builds it)."""
+    return f"jobs/{_safe_component(job_id)}/merged.tar.gz"
 
 
 class UploadTooLarge(Exception):
@@ -164,6 +170,33 @@ def _check_adapter_dir(adapter_dir: Path) -> None:
         raise ArtifactMissing(f"adapter directory {adapter_dir} lacks {', '.join(missing)}")
 
 
+def _write_tar_gz(dest: Path, members: Iterable[tuple[Path, str]], compresslevel: int = 9) -> Path:
+    """Write `(path, arcname)` members into `dest`, atomically: temp file, fsync, rename.
+
+    Two writers of one `dest` each fill a temp file of their own, so the last rename wins and the
+    archive is always one complete build, never a mix.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w:gz", compresslevel=compresslevel) as tar:
+                for path, arcname in members:
+                    tar.add(path, arcname=arcname, recursive=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(dest.parent, os.O_RDONLY)
+    try:  # the rename itself survives a power loss only once its directory is synced
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return dest
+
+
 def build_adapter_archive(adapter_dir: Path, dest: Path) -> Path:
     """Pack an adapter directory into `dest` (.tar.gz, files at the archive root), atomically.
 
@@ -173,19 +206,24 @@ def build_adapter_archive(adapter_dir: Path, dest: Path) -> Path:
         ArtifactMissing: the directory lacks adapter_config.json or adapter_model.safetensors.
     """
     _check_adapter_dir(adapter_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".adapter.", suffix=".tar.gz.part", dir=dest.parent)
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for name in ADAPTER_FILES + OPTIONAL_ADAPTER_FILES:
-                if (adapter_dir / name).is_file():
-                    tar.add(adapter_dir / name, arcname=name, recursive=False)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    names = [n for n in ADAPTER_FILES + OPTIONAL_ADAPTER_FILES if (adapter_dir / n).is_file()]
+    return _write_tar_gz(dest, [(adapter_dir / n, n) for n in names])
+
+
+def build_model_archive(model_dir: Path, dest: Path) -> Path:
+    """Pack a Hugging Face model directory (config, tokenizer, safetensors) into `dest`, atomically.
+
+    Every file of the directory goes to the archive root, so `tar xzf` gives a directory that
+    `AutoModelForCausalLM.from_pretrained` loads. Level 1 compression: 16-bit weights barely
+    compress, and level 9 would take several times as long (minutes for a 7B model) to save a few percent.
+
+    Raises:
+        ArtifactMissing: the directory holds no config.json.
+    """
+    if not (model_dir / "config.json").is_file():
+        raise ArtifactMissing(f"model directory {model_dir} has no config.json")
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    return _write_tar_gz(dest, [(p, p.name) for p in files], compresslevel=1)
 
 
 def adapter_archive(artifacts_dir: Path, adapter_rel: str, cache_rel: str) -> Path:
@@ -219,7 +257,8 @@ def _newer_than_sources(archive: Path, adapter_dir: Path) -> bool:
     return all(archive.stat().st_mtime >= s.stat().st_mtime for s in sources)
 
 
-def delete_adapter(artifacts_dir: Path, adapter_rels: Iterable[str], archive_rel: str) -> None:
+def delete_adapter(artifacts_dir: Path, adapter_rels: Iterable[str], archive_rel: str,
+                   derived_rels: Iterable[str] = ()) -> None:
     """Remove an adapter's directory and its `.tar.gz` from the store; whatever is already gone is skipped.
 
     Every path is checked before anything is removed.
@@ -229,6 +268,7 @@ def delete_adapter(artifacts_dir: Path, adapter_rels: Iterable[str], archive_rel
         adapter_rels: the adapter's directory, relative to artifacts_dir, as each row records it
             (the job's and the model's rows name the same one).
         archive_rel: its archive, relative to artifacts_dir.
+        derived_rels: other files made from the adapter (the merged model's archive), removed with it.
 
     Raises:
         UnsafePath: a path escapes artifacts_dir, or is not one adapter's directory: it holds the
@@ -238,12 +278,14 @@ def delete_adapter(artifacts_dir: Path, adapter_rels: Iterable[str], archive_rel
     """
     root = Path(artifacts_dir).resolve()
     archive = resolve_under(root, archive_rel)
+    derived = [resolve_under(root, rel) for rel in derived_rels]
     dirs = {resolve_under(root, rel) for rel in adapter_rels}
     for d in dirs:
         if d == root or d in archive.parents or (d.is_dir() and any(c.is_dir() for c in d.iterdir())):
             raise UnsafePath(f"refusing to delete {str(d)!r}: it is not one adapter directory")
-    # The archive first: once the directory is gone, adapter_archive() would still serve it.
-    archive.unlink(missing_ok=True)
+    # The archives first: once the directory is gone, adapter_archive() would still serve it.
+    for f in (archive, *derived):
+        f.unlink(missing_ok=True)
     for d in dirs:
         if d.is_dir():
             shutil.rmtree(d)

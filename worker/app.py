@@ -24,8 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = make_celery(get_settings())
-# The worker imports the task module when it boots ("qlora.run_job" is sent by name, never by import).
-app.conf.include = ["worker.tasks"]
+# The worker imports the task modules when it boots (tasks are sent by name, never by import):
+# "qlora.run_job" and "qlora.export_merged".
+app.conf.include = ["worker.tasks", "worker.export"]
 
 
 @worker_process_init.connect

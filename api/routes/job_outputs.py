@@ -4,19 +4,24 @@ Events and checkpoints are OpenAI's (`fine_tuning.job.event`, `fine_tuning.job.c
 newest first. `?stream=true` on the events endpoint streams them instead as `text/event-stream`,
 oldest first, each as `data: {json}`, polling the database until the job is finished.
 The adapter endpoints are our extension (Together's API has the same idea): a `.tar.gz` whose
-root holds PEFT's `adapter_config.json` and `adapter_model.safetensors`.
+root holds PEFT's `adapter_config.json` and `adapter_model.safetensors`. So is `.../merged`, the
+adapter merged into its base in 16 bits as a Hugging Face model directory: a worker builds it on
+the first request (worker/export.py) and the API serves the cached archive from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy import select
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy import func, select, update
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
@@ -24,11 +29,14 @@ from api.errors import APIError, bad_request, not_found
 from api.routes.jobs import get_job
 from api.routes.pagination import paginate
 from api.schemas import (CheckpointList, CheckpointObject, ErrorResponse, JobEventList,
-                         JobEventObject)
+                         JobEventObject, MergedExportPending)
+from service import queue
 from service.database import session_scope
-from service.db import FINISHED_STATUSES, Checkpoint, Job, JobEvent
-from service.storage import ArtifactMissing, UnsafePath, adapter_archive, job_archive_rel, resolve_under
+from service.db import FINISHED_STATUSES, Checkpoint, Job, JobEvent, now
+from service.storage import (ArtifactMissing, UnsafePath, adapter_archive, job_archive_rel, merged_archive_rel,
+                             resolve_under)
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
                    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                               404: {"model": ErrorResponse}})
@@ -143,6 +151,17 @@ def _send_archive(settings_artifacts, adapter_rel: str, cache_rel: str, download
     return FileResponse(path, media_type="application/gzip", filename=download_name)
 
 
+def _check_succeeded(job: Job, job_id: str, what: str, code: str) -> None:
+    """410 `model_deleted` once the job's fine-tuned model was deleted; 400 `code` before the job succeeded."""
+    if job.status == "succeeded" and not job.adapter_path:  # See service/db.py, Job.adapter_path
+        raise APIError(410, f"The fine-tuned model {job.fine_tuned_model} of job {job_id} was deleted "
+                       "(DELETE /v1/models), and its adapter with it; the job's checkpoints keep theirs.",
+                       param="fine_tuning_job_id", code="model_deleted")
+    if job.status != "succeeded" or not job.adapter_path:
+        raise bad_request(f"Job {job_id} has status {job.status!r}; its {what} is available once it has succeeded.",
+                          param="fine_tuning_job_id", code=code)
+
+
 @router.get("/{job_id}/adapter", response_class=FileResponse, responses={**_TARGZ, 410: {"model": ErrorResponse}})
 def download_adapter(job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> FileResponse:
     """The final LoRA adapter of a succeeded job (`peft.PeftModel.from_pretrained` loads it).
@@ -150,13 +169,7 @@ def download_adapter(job_id: str, principal: PrincipalDep, session: SessionDep, 
     410 `model_deleted` once the job's fine-tuned model was deleted.
     """
     job = get_job(session, principal.tenant_id, job_id)
-    if job.status == "succeeded" and not job.adapter_path:  # See service/db.py, Job.adapter_path
-        raise APIError(410, f"The fine-tuned model {job.fine_tuned_model} of job {job_id} was deleted "
-                       "(DELETE /v1/models), and its adapter with it; the job's checkpoints keep theirs.",
-                       param="fine_tuning_job_id", code="model_deleted")
-    if job.status != "succeeded" or not job.adapter_path:
-        raise bad_request(f"Job {job_id} has status {job.status!r}; its adapter is available once it has succeeded.",
-                          param="fine_tuning_job_id", code="adapter_not_ready")
+    _check_succeeded(job, job_id, "adapter", code="adapter_not_ready")
     return _send_archive(settings.artifacts_dir, job.adapter_path, job_archive_rel(job.id),
                          f"{job.id}-adapter.tar.gz", f"job {job_id}")
 
@@ -173,3 +186,98 @@ def download_checkpoint_adapter(job_id: str, checkpoint_id: str, principal: Prin
         raise not_found("checkpoint", checkpoint_id)
     return _send_archive(settings.artifacts_dir, ckpt.adapter_path, f"downloads/{job.id}/{ckpt.id}.tar.gz",
                          f"{job.id}-step-{ckpt.step_number}-adapter.tar.gz", f"checkpoint {checkpoint_id}")
+
+
+# Note: merged export requests. A poll answers from the job's `merged_export` (See Note: merged
+# export in service/db.py) and sends a build message only when none is on its way: on the first
+# request; after a failed build, once its retry is due (MERGE_RETRY_S, doubling with each attempt
+# up to MERGE_RETRY_MAX_S); and when a request has gone unanswered for MERGE_STALE_S (its message
+# lost with a broker outage). A duplicate costs at most a second build, never a corrupt archive:
+# the task does nothing once the archive exists, and two builds rename whole archives into place.
+MERGE_POLL_S = 10
+MERGE_STALE_S = 3600
+MERGE_RETRY_S = 60
+MERGE_RETRY_MAX_S = 3600
+
+
+def _retry_after(required: bool) -> dict:
+    return {"Retry-After": {"description": "seconds to wait before asking again", "required": required,
+                            "schema": {"type": "integer", "minimum": 1}}}
+
+
+_MERGED = {200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+                 "description": "a .tar.gz with a Hugging Face model directory (config.json, tokenizer files, "
+                                "*.safetensors in 16 bits) at its root"},
+           202: {"model": MergedExportPending, "headers": _retry_after(required=True),
+                 "description": "a worker is building the archive; ask again after Retry-After seconds"},
+           410: {"model": ErrorResponse},
+           500: {"model": ErrorResponse, "headers": _retry_after(required=False),  # not on internal_error
+                 "description": "`merge_failed`: the build failed; a request after Retry-After seconds tries again"}}
+
+
+def _retry_due(state: dict) -> int:
+    """When a failed build may be tried again (Unix seconds; See Note: merged export requests)."""
+    delay = min(MERGE_RETRY_S * 2 ** max(int(state.get("attempts") or 1) - 1, 0), MERGE_RETRY_MAX_S)
+    return int(state.get("finished_at") or state.get("requested_at") or 0) + delay
+
+
+def _swap_request(session: SessionDep, job_id: str, old: dict, new: dict) -> bool:
+    """Replace the job's `merged_export` by `new` if it still holds `old`'s request; commit."""
+    guard = func.coalesce(Job.merged_export["request_id"].as_string(), "") == (old.get("request_id") or "")
+    changed = session.execute(update(Job).where(Job.id == job_id, guard).values(merged_export=new)
+                              .execution_options(synchronize_session=False)).rowcount == 1
+    session.commit()
+    return changed
+
+
+def _request_build(session: SessionDep, job_id: str, state: dict, t: int) -> dict:
+    """Record a new build request and send its message; returns the request now in force."""
+    new = {"status": "building", "request_id": secrets.token_hex(8), "requested_at": t,
+           "attempts": int(state.get("attempts") or 0) + 1, "error": None}
+    if not _swap_request(session, job_id, state, new):  # a concurrent poll sent one first
+        return session.scalar(select(Job.merged_export).where(Job.id == job_id)) or new
+    try:
+        queue.enqueue_export(job_id)
+    except BrokerError as e:  # undo, so that the next poll sends it again
+        log.warning("could not enqueue the merged export of %s now: %s", job_id, e)
+        _swap_request(session, job_id, new, state)
+    return new
+
+
+@router.get("/{job_id}/merged", response_class=FileResponse, response_model=None, responses=_MERGED)
+def download_merged(job_id: str, principal: PrincipalDep, session: SessionDep,
+                    settings: SettingsDep) -> FileResponse | JSONResponse:
+    """The job's adapter merged into its base in 16 bits: a `.tar.gz` of a Hugging Face model directory.
+
+    The extracted directory loads with `AutoModelForCausalLM.from_pretrained`, no PEFT needed. The
+    first request has a worker build it: 202 with `Retry-After` until it is there, then 200 with
+    the cached archive. 400 `job_not_succeeded` before the job succeeded, 410 `model_deleted` once its
+    model was deleted, 500 `merge_failed` when the build failed (it is retried after `Retry-After`).
+    """
+    job = get_job(session, principal.tenant_id, job_id)
+    _check_succeeded(job, job_id, "merged model", code="job_not_succeeded")
+    archive = resolve_under(settings.artifacts_dir, merged_archive_rel(job.id))
+    if archive.is_file():
+        return FileResponse(archive, media_type="application/gzip", filename=f"{job.id}-merged.tar.gz")
+    try:
+        adapter_found = (resolve_under(settings.artifacts_dir, job.adapter_path) / "adapter_config.json").is_file()
+    except UnsafePath:
+        adapter_found = False
+    if not adapter_found:  # nothing to build from: say so now rather than after a doomed build
+        raise APIError(410, f"The adapter files of job {job_id} are no longer available on this server.",
+                       code="artifact_missing")
+    state, t = dict(job.merged_export or {}), now()
+    # A failed build is the server's fault, not the client's: the job succeeded and the request is
+    # valid, and what fails (a base model gone from the store, memory, disk) is the server's to fix. So a
+    # 5xx, and 500 rather than 503: it is no overload that passes by itself, though a retry may succeed.
+    if state.get("status") == "failed" and t < _retry_due(state):
+        error, wait = state.get("error") or {}, _retry_due(state) - t
+        raise APIError(500, f"Building the merged model of job {job_id} failed ({error.get('code')}): "
+                       f"{error.get('message')} A request after {wait} s tries again.", type="server_error",
+                       code="merge_failed", headers={"Retry-After": str(wait)})
+    if state.get("status") != "building" or t - int(state.get("requested_at") or 0) >= MERGE_STALE_S:
+        state = _request_build(session, job.id, state, t)
+    message = f"The merged model of job {job_id} is being built; ask again in {MERGE_POLL_S} s."
+    body = MergedExportPending(fine_tuning_job_id=job.id, requested_at=int(state.get("requested_at") or t),
+                               retry_after=MERGE_POLL_S, message=message)
+    return JSONResponse(body.model_dump(), status_code=202, headers={"Retry-After": str(MERGE_POLL_S)})

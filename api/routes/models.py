@@ -3,8 +3,9 @@
 A fine-tuned model is listed while its `models` row (written by the worker together with the job's
 `succeeded` status) exists and its job succeeded; `created` is the job's `finished_at`, as on
 OpenAI. `DELETE /v1/models/{id}` removes a fine-tuned model as OpenAI does: the model row and the
-final adapter on disk go, the job stays (its `fine_tuned_model` still names the model) and so do
-its checkpoints, which are separate files and separate `fine_tuned_model_checkpoint`s; the
+final adapter on disk go (with its merged model, if one was built), the job stays (its
+`fine_tuned_model` still names the model) and so do its checkpoints, which are separate files and
+separate `fine_tuned_model_checkpoint`s; the
 inference server is then told to drop the adapter from its cache (api/upstream.py). Base models
 live in the model store and are managed on the server with `qlora models`, never through the API.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import Select, delete, null, select, update
 from starlette.concurrency import run_in_threadpool
 
 from api.basemodels import base_model, list_base_models
@@ -23,7 +24,7 @@ from api.errors import APIError, not_found
 from api.schemas import ErrorResponse, ModelDeleted, ModelList, ModelObject
 from api.upstream import evict
 from service.db import Job, Model
-from service.storage import delete_adapter, job_archive_rel
+from service.storage import delete_adapter, job_archive_rel, merged_archive_rel
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"],
@@ -109,9 +110,10 @@ def delete_model(model_id: str, principal: PrincipalDep, session: SessionDep, se
     if session.execute(delete(Model).where(Model.id == ft, Model.tenant_id == principal.tenant_id)).rowcount != 1:
         raise not_found("model", model_id, param="model")
     # Nothing points at the removed files any more; a succeeded job without an adapter_path is
-    # one whose model was deleted (service/db.py, Job.adapter_path).
-    session.execute(update(Job).where(Job.id == job_id).values(adapter_path=None))
-    delete_adapter(settings.artifacts_dir, paths, job_archive_rel(job_id))
+    # one whose model was deleted (service/db.py, Job.adapter_path). The merged model goes too: it
+    # is the same weights (a build still running removes its archive when it sees this).
+    session.execute(update(Job).where(Job.id == job_id).values(adapter_path=None, merged_export=null()))
+    delete_adapter(settings.artifacts_dir, paths, job_archive_rel(job_id), derived_rels=[merged_archive_rel(job_id)])
     session.commit()
     log.info("deleted fine-tuned model %s of job %s for %s", ft, job_id, principal.tenant_id)
     evict(settings, job_id)  # the inference server's adapter key of a fine-tuned model (api/routes/inference.py)

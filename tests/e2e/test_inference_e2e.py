@@ -1,7 +1,9 @@
 """Chat with what you trained, end to end: a job trained through the live service (both modes) is
 then asked through the same `openai` SDK, streamed and not, and answers token for token what its
-downloaded adapter gives under `PeftModel.from_pretrained`; tenancy holds; a killed inference
-server is restarted by `qlora serve`, and the API answers 503 meanwhile, never hangs.
+downloaded adapter gives under `PeftModel.from_pretrained`; its merged 16-bit model, built by the
+worker on request, loads in transformers and answers as that adapter on the 16-bit base; tenancy
+holds; a killed inference server is restarted by `qlora serve`, and the API answers 503
+meanwhile, never hangs.
 """
 
 from __future__ import annotations
@@ -89,9 +91,56 @@ def test_chat_with_the_fine_tuned_model(live: LiveService, tmp_path: Path) -> No
             other.chat.completions.create(**{**ask, "model": name})
         assert e.value.body["code"] == "model_not_found"
 
+    _check_merged_export(live, job.id, tmp_path)
     client.models.delete(job.fine_tuned_model)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(**ask)
+    gone = httpx.get(f"{live.base_url}/v1/fine_tuning/jobs/{job.id}/merged", headers=live.headers, timeout=60)
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "model_deleted"
+
+
+MERGE_TIMEOUT_S = 120
+# See BF16_LOGITS_ATOL in tests/worker/test_export.py: merged bf16 weights against the adapter applied
+# beside the bf16 base differ by bf16 rounding only.
+BF16_LOGITS_ATOL = 0.03
+
+
+def _check_merged_export(live: LiveService, job_id: str, tmp_path: Path) -> None:
+    """GET .../merged: 202 while the worker builds it, then a model directory that transformers loads
+    and that answers as the downloaded adapter does on the 16-bit base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_core.store import ModelStore
+
+    url = f"{live.base_url}/v1/fine_tuning/jobs/{job_id}/merged"
+    resp = httpx.get(url, headers=live.headers, timeout=60)
+    assert resp.status_code == 202 and int(resp.headers["retry-after"]) > 0, resp.text
+    assert resp.json()["status"] == "building"
+    deadline = time.monotonic() + MERGE_TIMEOUT_S
+    while resp.status_code == 202:
+        assert time.monotonic() < deadline, f"no merged model after {MERGE_TIMEOUT_S} s\n{live.log_tail()}"
+        time.sleep(1)
+        resp = httpx.get(url, headers=live.headers, timeout=60)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/gzip", resp.text
+    with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:gz") as tar:
+        tar.extractall(tmp_path / "merged", filter="data")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.dtype == torch.bfloat16  # the tiny base's config says bfloat16 (worker/export.py)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    ids = torch.tensor([tok(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False)["input_ids"]])  # fmt: skip
+    with torch.no_grad():
+        out = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                              do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
+        assert out.shape[1] > ids.shape[1]
+        base = AutoModelForCausalLM.from_pretrained(ModelStore(live.data_dir / "models").model_path(TINY_MODEL_ID),
+                                                    dtype=torch.bfloat16)  # fmt: skip
+        reference = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        torch.testing.assert_close(merged(ids).logits.float(), reference(ids).logits.float(),
+                                   atol=BF16_LOGITS_ATOL, rtol=0)  # fmt: skip
+    assert httpx.get(url, headers=live.headers, timeout=60).content == resp.content  # built once, then cached
 
 
 def test_a_killed_inference_server_comes_back(live: LiveService) -> None:
