@@ -26,16 +26,15 @@
    the first request is a fresh process's first generate, as a user's (a fraction of a second
    here when the machine is idle).
 
-# Note: adapters loaded after a forward. On an AVX512-BF16 CPU, bitsandbytes repacks every Linear4bit
-# weight for its CPU kernel on the first eval forward (absmax to bf16), and PEFT's adapter loading
-# reads the state dict, which unpacks it again and re-quantizes the absmax (double quantization,
-# a new offset). So every adapter load after the base has run (the server's adapters 1..7, the
-# anchor's after its first `unload()`) moves the shared base weights ~0.15 % away from a fresh
-# process's (relative norm, one layer measured), and greedy texts may then part from a fresh
-# process's some tokens in; the round trip also costs RSS (~35-50 MB per load here, against an
-# adapter's 18.6 MB of tensors). The streams run with all 8 adapters loaded (both phases on the
-# same server state), so even adapter 0's text, loaded on a fresh base by both sides, may differ
-# from the anchor's; run with `--adapters 1` to see it equal.
+# Note: adapters loaded after a forward (the anchor's). On an AVX512-BF16 CPU, bitsandbytes repacks
+# every Linear4bit weight for its CPU kernel on the first eval forward, and PEFT's adapter loading
+# reads the state dict, which unpacks it again and re-quantizes the absmax. So in the anchor's loop
+# every adapter loaded after the first `unload()` sits on a base moved ~0.15 % away from a fresh
+# process's, and its greedy text may part from a fresh process's some tokens in (the round trip
+# also costs ~35-50 MB of RSS per load). The server does not do this (inference/engine.py, Note:
+# adapters loaded after a forward: it copies the adapter tensors in), so its one stream, on
+# adapter 0, equals the anchor's first, fresh-base answer; its 8 streams are one batch, computed
+# in other matmul shapes, and in bf16 that rounding alone can part a greedy text too.
 
 Targets (the issue): 8 adapters cost <= 1.3x the memory of one (server VmRSS, 8 loaded / 1 loaded),
 and 8 concurrent streams reach >= 3x the tokens/s of one stream. Prints the CPU, a table, and as
@@ -444,8 +443,8 @@ def report(args: argparse.Namespace, dtype: str, s: dict, anchor: Any) -> int:
               f"{sum(a['tokens']) / sum(a['generate_s']):.1f} tok/s")  # fmt: skip
         same = sum(r.text == a["texts"][i] for i, r in enumerate(s["rounds"][-1][1]))
         print(f"greedy texts equal to the anchor's: 1 stream {int(single[-1].text == a['texts'][0])}/1, {n} streams "
-              f"{same}/{n} (they part when adapters load after the base has run: See Note: adapters loaded after "
-              f"a forward)")
+              f"{same}/{n} (the anchor's 2nd..{n}th on a base its loader moved, the streams batched in bf16: "
+              f"See Note: adapters loaded after a forward)")
     print(f"memory (VmRSS): base + 1 adapter {rss_1:.0f} MB, base + {n} adapters "
           f"{rss_n:.0f} MB; the engine counts {tensors_mb:.1f} MB of tensors per adapter, so 1 adapter's RSS + "
           f"{n - 1} x that = {counted:.2f}x")  # fmt: skip
