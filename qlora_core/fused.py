@@ -16,15 +16,13 @@ measured with `torch.autograd.graph.saved_tensors_hooks`), one block keeps ~29 K
 
 The functions below keep only the input (shared with whatever else uses it) and what is costly
 to recompute, and redo the cheap elementwise parts in backward: 14.4 KB per token per block,
-measured, and none of the cast copies (16.7 KB since the residual stream is fp32: See Note: fp32
-residual stream). Each adapted projection is one autograd node
+measured, and none of the cast copies. Each adapted projection is one autograd node
 (`LoraLinear`, See Note: one node per adapted projection), and the MLP's product and down
 projection another (`SwiGLUDown`). Their forwards run the same ops in the same order as the
 modules they replace, except that LoRA's scaling multiplies B rather than the output (See Note:
-scaling folded into B; exact for power-of-two alpha/r, the default), that the LoRA update is
-accumulated into the base output, one rounding instead of two, and that under bf16/fp16 compute
-the residual stream is fp32 (See Note: fp32 residual stream); PEFT's own order is kept without
-autograd. Backward is the same math, with sums in a different order
+scaling folded into B; exact for power-of-two alpha/r, the default) and that the LoRA update is
+accumulated into the base output, one rounding instead of two (PEFT's own order is kept without
+autograd); backward is the same math, with sums in a different order
 (tests/qlora_core/test_fused.py). The idea is the one Unsloth's hand-written LoRA/MLP backward
 passes use; these are plain torch ops, so they run wherever the model runs (CPU, CUDA).
 
@@ -102,8 +100,8 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, base_layer: torch.nn.Module,
-                scaling: float, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
-        out, xc, xa = _lora_linear(x, weight_a, weight_b, base_layer, scaling, dtype, out_dtype)
+                scaling: float, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        out, xc, xa = _lora_linear(x, weight_a, weight_b, base_layer, scaling, dtype)
         ctx.save_for_backward(xc, xa, weight_a, weight_b)
         ctx.base_layer, ctx.scaling, ctx.x_dtype = base_layer, scaling, x.dtype
         return out
@@ -112,22 +110,16 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, xa, weight_a, weight_b = ctx.saved_tensors
         grads = _lora_linear_backward(ctx, grad_out, xc, xa, weight_a, weight_b, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def _lora_linear(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, base_layer: torch.nn.Module,
-                 scaling: float, dtype: torch.dtype, out_dtype: torch.dtype | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """LoraLinear's forward: (output, x in the compute dtype, x @ A^T).
-
-    `out_dtype` None: the output is in x's dtype; else in `out_dtype` (See Note: fp32 residual stream).
-    """
+                 scaling: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """LoraLinear's forward: (output, x in the compute dtype, x @ A^T)."""
     out = base_layer(x)  # (..., N), in x's dtype; the bitsandbytes kernel, no autograd here
     xc = x.to(dtype)  # (..., K); no copy when x is already in the compute dtype
     xa = xc @ weight_a.to(dtype).t()  # (..., r)
     b_scaled = _scaled(weight_b, scaling, dtype)  # (N, r)
-    if out_dtype is not None and out.dtype != out_dtype:  # the update added at out_dtype's resolution
-        return out.to(out_dtype).add_(xa @ b_scaled.t()), xc, xa
     if out.dtype == dtype and out.is_contiguous():
         out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())
     else:  # an fp32 residual stream under bf16 compute: add in the output's dtype
@@ -164,34 +156,31 @@ class SwiGLUDown(torch.autograd.Function):
     # and its LoRA needs it in backward (grad_A = grad_xa^T @ h); LoraLinear would keep it, 1/6 of
     # a block's activations on SmolLM2. gate and up are kept anyway for silu's backward, so the
     # product is one elementwise op away: backward remakes it instead. The forward runs
-    # SwiGLUFn's ops, then LoraLinear's. fp32 gate and up (See Note: fp32 residual stream) make an
-    # fp32 product; they are kept in the compute dtype, so backward's product is then one rounding
-    # from the forward's (in the compute dtype, bitwise the forward's).
+    # SwiGLUFn's ops, then LoraLinear's.
     """
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-                base_layer: torch.nn.Module, scaling: float, dtype: torch.dtype,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
-        h = F.silu(gate) * up  # (..., I), in gate's dtype
-        out, _, xa = _lora_linear(h, weight_a, weight_b, base_layer, scaling, dtype, out_dtype)
-        ctx.save_for_backward(gate.to(dtype), up.to(dtype), xa, weight_a, weight_b)  # (..., I) x 2, (..., r)
-        ctx.base_layer, ctx.scaling, ctx.x_dtype, ctx.dtype, ctx.in_dtype = base_layer, scaling, dtype, dtype, gate.dtype
+                base_layer: torch.nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        h = F.silu(gate) * up  # (..., I)
+        out, _, xa = _lora_linear(h, weight_a, weight_b, base_layer, scaling, dtype)
+        ctx.save_for_backward(gate, up, xa, weight_a, weight_b)
+        ctx.base_layer, ctx.scaling, ctx.x_dtype, ctx.dtype = base_layer, scaling, h.dtype, dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gate, up, xa, weight_a, weight_b = ctx.saved_tensors
         act = F.silu(gate)
-        h = act * up  # the forward's product, in the compute dtype
+        h = act * up  # bitwise the forward's product
         need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h, grad_a, grad_b = _lora_linear_backward(ctx, grad_out, h, xa, weight_a, weight_b,
+        grad_h, grad_a, grad_b = _lora_linear_backward(ctx, grad_out, h.to(ctx.dtype), xa, weight_a, weight_b,
                                                        (need_h, *ctx.needs_input_grad[2:4]))  # fmt: skip
         grad_gate = grad_up = None
         if need_h:
-            grad_up = (grad_h * act).to(ctx.in_dtype)
-            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate).to(ctx.in_dtype)
-        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None
+            grad_up = grad_h * act
+            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None
 
 
 def dense_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -220,16 +209,14 @@ class RMSNormFn(torch.autograd.Function):
     """Llama's RMSNorm, keeping the input in its own dtype and one fp32 rstd per row.
 
     Forward is Llama's op sequence; backward recomputes x_hat = x * rstd in fp32 and uses
-    d_x = rstd * (d_xhat - x_hat * mean(d_xhat * x_hat)). `out_dtype` None: x_hat is cast back to
-    x's dtype, as Llama's; else to `out_dtype` (See Note: fp32 residual stream).
+    d_x = rstd * (d_xhat - x_hat * mean(d_xhat * x_hat)).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.to(torch.float32)  # (..., H)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.out_dtype = out_dtype or x.dtype
-        xhat = (xf * rstd).to(ctx.out_dtype)
+        xhat = (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, rstd, weight)
         return weight * xhat
 
@@ -239,12 +226,12 @@ class RMSNormFn(torch.autograd.Function):
         xhat = x.to(torch.float32) * rstd  # (..., H)
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_out * xhat.to(ctx.out_dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            grad_weight = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             g = (grad_out * weight).to(torch.float32)  # (..., H), as autograd of `weight * xhat` gives
             grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_weight, None, None
+        return grad_x, grad_weight, None
 
 
 class SwiGLUFn(torch.autograd.Function):
@@ -271,8 +258,7 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     name = _the_one_adapter(self)
     if torch.is_grad_enabled() and name is not None and not args and not kwargs:
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
-        out_dtype = _output_dtype(self, x)
-        return LoraLinear.apply(x, lora_a, lora_b, self.base_layer, self.scaling[name], matmul_dtype(x, lora_a.dtype), out_dtype)
+        return LoraLinear.apply(x, lora_a, lora_b, self.base_layer, self.scaling[name], matmul_dtype(x, lora_a.dtype))
     result = self.base_layer(x, *args, **kwargs)  # bitsandbytes keeps no activation for it
     for name in self.active_adapters:
         if name not in self.lora_A:
@@ -282,11 +268,6 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
         out = LoraBranch.apply(x_in, lora_a, lora_b, self.scaling[name], matmul_dtype(x, lora_a.dtype))
         result = result + out.to(result.dtype)
     return result
-
-
-def _output_dtype(layer: Any, x: torch.Tensor) -> torch.dtype | None:
-    """fp32 for a marked projection under autocast (See Note: fp32 residual stream), else None."""
-    return torch.float32 if getattr(layer, "_fp32_output", False) and torch.is_autocast_enabled(x.device.type) else None
 
 
 def _single_plain_adapter(layer: Any) -> str | None:
@@ -317,10 +298,7 @@ def _lora_fusable(layer: Any) -> bool:
 
 
 def _rmsnorm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-    # An fp32 residual stream is normed into the compute dtype, which every consumer (q, k, v,
-    # gate, up, the head) casts its input to anyway: one copy instead of one per consumer.
-    out_dtype = matmul_dtype(hidden_states, hidden_states.dtype) if torch.is_grad_enabled() else None
-    return RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype)
+    return RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -329,9 +307,7 @@ def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     name = _single_plain_adapter(down) if torch.is_grad_enabled() else None
     if name is not None:
         lora_a, lora_b = down.lora_A[name].weight, down.lora_B[name].weight  # (r, I), (H, r)
-        dtype = matmul_dtype(gate, lora_a.dtype)
-        out_dtype = _output_dtype(down, gate)
-        return SwiGLUDown.apply(gate, up, lora_a, lora_b, down.base_layer, down.scaling[name], dtype, out_dtype)
+        return SwiGLUDown.apply(gate, up, lora_a, lora_b, down.base_layer, down.scaling[name], matmul_dtype(gate, lora_a.dtype))
     return down(SwiGLUFn.apply(gate, up))
 
 
@@ -350,31 +326,9 @@ def apply_fused_layers(model: torch.nn.Module) -> dict[str, int]:
     Returns:
         How many modules of each kind were patched: {"lora": n, "rmsnorm": n, "swiglu": n}.
     """
-    # Note: fp32 residual stream. Under bf16 (or fp16) compute a projection's output has 8 bits
-    # of mantissa, and an early LoRA update (B starts at zero) smaller than half its resolution
-    # is rounded away, both in that output and again where it joins the residual stream. The
-    # reference recipe escapes this by accident: `qlora.py` keeps the norms fp32, so its hidden
-    # states, and the projections' outputs (bitsandbytes returns its input's dtype), are fp32.
-    # On bench/bench_grid.py's `short` cell (6 steps, loss still falling fast) our bf16 eval loss
-    # was 2.6-4.1 % above the reference's, within 0.2-1.0 % in fp32. So, in training, the
-    # residual stream's writers (o_proj, down_proj) and the MLP's gate and up add the update to
-    # the base output in fp32 and return fp32: the residual stream is fp32 from the first block
-    # on, as in the reference, and the SwiGLU product is formed in fp32. The memory stays close
-    # to bf16's: the norms emit the compute dtype (their consumers cast to it anyway), SwiGLUDown
-    # keeps gate and up in the compute dtype, and what grows is the norms' saved inputs and a
-    # checkpointed block's input (qlora_core/quant.py counts both). Measured: README, the grid.
-    # Without grad (evaluation, generation) PEFT's order and dtypes are kept exactly.
-    fuse_norms = any(type(m).__name__ in _RMSNORM_CLASSES for m in model.modules())
     counts = {"lora": 0, "rmsnorm": 0, "swiglu": 0}
     for module in model.modules():
         kind = type(module).__name__
-        if not fuse_norms:  # an unfused norm would hand every projection an fp32 input of its own
-            pass
-        elif kind in _SWIGLU_CLASSES and _is_silu(getattr(module, "act_fn", None)):
-            for proj in (module.gate_proj, module.up_proj, module.down_proj):
-                proj._fp32_output = True
-        elif hasattr(getattr(module, "o_proj", None), "lora_A"):
-            module.o_proj._fp32_output = True
         if hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "_check_forward_args"):
             if not hasattr(module, "_unfused_forward"):
                 module._unfused_forward = module.forward

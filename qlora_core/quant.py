@@ -301,8 +301,7 @@ def estimate_training_memory(
         checkpoint_fraction = auto_checkpoint_fraction(config_json, lora_r, compute_dtype, target_modules, fused_layers)
     n_checkpointed = round(checkpoint_fraction * n_layers) if gradient_checkpointing else 0
     # A checkpointed layer keeps only its (B, T, h) input, plus one layer's worth while it recomputes.
-    resid = _residual_bytes(c, fused_layers)
-    activations = tokens * (n_checkpointed * h * resid + (n_layers - n_checkpointed) * per_token_layer)
+    activations = tokens * (n_checkpointed * h * c + (n_layers - n_checkpointed) * per_token_layer)
     if n_checkpointed:
         activations += tokens * per_token_layer
     activations += 2 * tokens * per_token_layer  # the backward workspace of one layer
@@ -328,9 +327,9 @@ def _activation_bytes_per_token_layer(
     shapes = linear_shapes(config_json)
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
-    if fused_layers:  # measured on SmolLM2 with saved_tensors_hooks: 16.7 KB/token/layer in bf16, as this says
+    if fused_layers:  # measured on SmolLM2 with saved_tensors_hooks: 14.4 KB/token/layer, as this says
         return (
-            2 * _residual_bytes(c, fused_layers) * h  # (B, T, h) norm inputs
+            2 * c * h  # (B, T, h) norm inputs
             + 2 * c * h + sum(c * lora_r for _ in targets)  # the two normed inputs, (B, T, r) per LoRA
             + c * (2 * q + 2 * kv)  # attention
             + 2 * i * c  # (B, T, i) gate and up
@@ -342,12 +341,6 @@ def _activation_bytes_per_token_layer(
         + c * (3 * q + 3 * kv)  # attention
         + 4 * i * c  # (B, T, i) x 4 in the MLP
     )
-
-
-def _residual_bytes(c: int, fused_layers: bool) -> int:
-    """Bytes per element of the residual stream: fp32 with the fused layers (qlora_core/fused.py,
-    Note: fp32 residual stream), else the compute dtype's."""
-    return 4 if fused_layers else c
 
 
 def auto_checkpoint_fraction(
@@ -366,8 +359,7 @@ def auto_checkpoint_fraction(
     # costs its activations minus the input a checkpointed block keeps) and checkpoint the rest.
     # The choice depends only on the model's shape, not on batch or length (both sides scale with
     # tokens), so it is the same for every run of a model: on SmolLM2 (V = 49,152, width 576)
-    # 14 of 30 blocks stay checkpointed at r=64 (12 before the fused layers' fp32 residual stream);
-    # on a Llama-7B shape (V = 32,000, width 4096) 31 of 32.
+    # 12 of 30 blocks stay checkpointed; on a Llama-7B shape (V = 32,000, width 4096) 31 of 32.
     # A head with LoRA on it takes the full-logits path and frees nothing: everything is checkpointed.
     #
     # Note: checkpointing in fp32. Our blocks' activations double in fp32, and the half-spend rule
@@ -393,6 +385,6 @@ def auto_checkpoint_fraction(
     else:
         freed, spent = cfg["vocab_size"] * (c + 4 + 4), 0.5
     known = [t for t in targets if t in linear_shapes(config_json)]
-    per_layer = _activation_bytes_per_token_layer(config_json, lora_r, c, known, fused_layers) - _residual_bytes(c, fused_layers) * h
+    per_layer = _activation_bytes_per_token_layer(config_json, lora_r, c, known, fused_layers) - c * h
     n_free = min(n_layers, int(spent * freed // max(per_layer, 1)))
     return (n_layers - n_free) / n_layers

@@ -134,9 +134,7 @@ def test_estimate_moves_the_way_training_does() -> None:
         return estimate_training_memory(SMOL_CONFIG, **{**args, **kw})
 
     base = est()
-    no_checkpointing = est(gradient_checkpointing=False)["activation_bytes"]
-    assert no_checkpointing > 4 * est(checkpoint_fraction=1.0)["activation_bytes"]
-    assert no_checkpointing > base["activation_bytes"]  # the automatic fraction checkpoints some
+    assert est(gradient_checkpointing=False)["activation_bytes"] > 5 * base["activation_bytes"]
     assert est(batch_size=8)["activation_bytes"] == 2 * base["activation_bytes"]
     assert est(optimizer="adamw_8bit")["optimizer_bytes"] < base["optimizer_bytes"] / 3
     assert est(double_quant=False)["base_bytes"] > base["base_bytes"]
@@ -228,11 +226,10 @@ def test_auto_checkpointing_spends_only_what_the_chunked_loss_frees() -> None:
     """See Note: memory-neutral checkpointing: a big vocabulary on a narrow model frees a lot; a 7B little."""
     from qlora_core.quant import auto_checkpoint_fraction
 
-    # (14, not 12: the fused layers' fp32 residual stream, qlora_core/fused.py, costs 2.3 KB/token/block)
-    assert auto_checkpoint_fraction(SMOL_CONFIG, 64) == 14 / 30
+    assert auto_checkpoint_fraction(SMOL_CONFIG, 64) == 12 / 30
     assert auto_checkpoint_fraction(LLAMA_7B_CONFIG, 64) == 31 / 32
     # the stock layers keep more per block, so fewer blocks skip the recompute
-    assert 14 / 30 < auto_checkpoint_fraction(SMOL_CONFIG, 64, fused_layers=False) < 1.0
+    assert 12 / 30 < auto_checkpoint_fraction(SMOL_CONFIG, 64, fused_layers=False) < 1.0
     # and what they keep never exceeds half of the logits memory the reference recipe would hold
     for config in (SMOL_CONFIG, LLAMA_7B_CONFIG):
         full = estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=1.0)
