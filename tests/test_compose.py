@@ -120,7 +120,7 @@ def test_docker_compose_config_accepts_the_file(compose: dict[str, Any]) -> None
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     services = resolved["services"]
-    assert set(services) == set(compose["services"]) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert set(services) == set(compose["services"]) == {"postgres", "redis", "migrate", "api", "worker", "inference"}
     for name, service in _qlora_services(compose).items():
         assert services[name]["command"] == service["command"], name
         assert services[name]["environment"] == {k: str(v) for k, v in service["environment"].items()}, name
