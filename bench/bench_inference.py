@@ -31,7 +31,7 @@
 # reads the state dict, which unpacks it again and re-quantizes the absmax. So in the anchor's loop
 # every adapter loaded after the first `unload()` sits on a base moved ~0.15 % away from a fresh
 # process's, and its greedy text may part from a fresh process's some tokens in (the round trip
-# also costs ~35-50 MB of RSS per load). The server does not do this (inference/engine.py, Note:
+# also costs ~35-50 MB of RSS per load). The server does not do this (inference/adapters.py, Note:
 # adapters loaded after a forward: it copies the adapter tensors in), so its one stream, on
 # adapter 0, equals the anchor's first, fresh-base answer; its 8 streams are one batch, computed
 # in other matmul shapes, and in bf16 that rounding alone can part a greedy text too.
