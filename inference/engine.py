@@ -348,11 +348,9 @@ class Engine:
             if r.request.cancelled.is_set():
                 reason = reason or "cancelled"
             elif reason is None:
-                # hold back a possible partial stop string and an unfinished UTF-8 sequence
-                hold = max((len(s) - 1 for s in r.request.stop), default=0)
-                safe = len(text) - hold
-                while safe > r.sent and text[safe - 1] == "\ufffd":
-                    safe -= 1
+                # hold back a possible partial stop string (an unfinished UTF-8 sequence never
+                # reaches `text`: See Note: incremental detokenization)
+                safe = len(text) - max((len(s) - 1 for s in r.request.stop), default=0)
                 if safe > r.sent:
                     r.request.emit("token", (r.choice, text[r.sent:safe]))
                     r.sent = safe

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from service.lifetime import owned_child_env
+from service.probe import free_port
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -131,12 +131,6 @@ class InferenceSupervisor:
             stop_worker(self.proc, grace_s=5.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve(host: str | None = None, port: int | None = None, with_worker: bool = True, with_inference: bool = True) -> int:
     """Run the service in the foreground until SIGINT/SIGTERM.
 
@@ -172,7 +166,7 @@ def serve(host: str | None = None, port: int | None = None, with_worker: bool = 
         worker = start_worker(settings)
     inference: InferenceSupervisor | None = None
     if with_inference and not settings.inference_url:
-        inference = InferenceSupervisor(settings.inference_port if "QLORA_INFERENCE_PORT" in os.environ else _free_port())
+        inference = InferenceSupervisor(settings.inference_port if "QLORA_INFERENCE_PORT" in os.environ else free_port())
         inference.start()
         os.environ["QLORA_INFERENCE_URL"] = inference.url  # read by the API's settings below
         get_settings.cache_clear()

@@ -164,7 +164,8 @@ def delete_file(files_dir: Path, rel_path: str) -> None:
     resolve_under(files_dir, rel_path).unlink(missing_ok=True)
 
 
-def _check_adapter_dir(adapter_dir: Path) -> None:
+def check_adapter_dir(adapter_dir: Path) -> None:
+    """Raise ArtifactMissing unless `adapter_dir` holds PEFT's adapter files."""
     missing = [n for n in ADAPTER_FILES if not (adapter_dir / n).is_file()]
     if missing:
         raise ArtifactMissing(f"adapter directory {adapter_dir} lacks {', '.join(missing)}")
@@ -205,7 +206,7 @@ def build_adapter_archive(adapter_dir: Path, dest: Path) -> Path:
     Raises:
         ArtifactMissing: the directory lacks adapter_config.json or adapter_model.safetensors.
     """
-    _check_adapter_dir(adapter_dir)
+    check_adapter_dir(adapter_dir)
     names = [n for n in ADAPTER_FILES + OPTIONAL_ADAPTER_FILES if (adapter_dir / n).is_file()]
     return _write_tar_gz(dest, [(adapter_dir / n, n) for n in names])
 

@@ -36,7 +36,7 @@ from api.schemas import ErrorResponse
 from api.upstream import generate
 from service.db import Checkpoint, Job
 from service.settings import Settings
-from service.storage import ADAPTER_FILES, UnsafePath, resolve_under
+from service.storage import ArtifactMissing, UnsafePath, check_adapter_dir, resolve_under
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 410, 429, 502, 503, 504)}
 _ANSWER = {"description": "OpenAI's object as JSON, or with `stream: true` its chunks as Server-Sent Events "
@@ -62,11 +62,10 @@ def _adapter(artifacts_dir: Path, key: str, rel: str, name: str) -> dict[str, st
     """The adapter `rel` (relative to artifacts_dir, as the database stores it) as the upstream gets it."""
     try:
         path = resolve_under(artifacts_dir, rel)
-    except UnsafePath:
-        path = None
-    if path is None or not all((path / f).is_file() for f in ADAPTER_FILES):
+        check_adapter_dir(path)
+    except (UnsafePath, ArtifactMissing):
         raise APIError(410, f"The adapter files of model `{name}` are no longer available on this server.",
-                       param="model", code="artifact_missing")
+                       param="model", code="artifact_missing") from None
     return {"key": key, "path": str(path)}
 
 
