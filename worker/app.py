@@ -34,9 +34,10 @@ def _fresh_child(**_: object) -> None:
     """See Note: fork and connection pools; and a job child never outlives its worker (See Note:
     owned children in service/lifetime.py): a killed worker takes its job with it, and the job
     resumes from its last checkpoint under the next lease holder."""
-    from service.database import get_engine
+    from service.database import get_worker_engine
     from service.lifetime import die_with_parent
 
     die_with_parent(os.getppid(), thread_safe=True)
-    get_engine(get_settings().database_url).dispose(close=False)
+    settings = get_settings()
+    get_worker_engine(settings.database_url, settings.lease_s).dispose(close=False)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
-from service.database import get_engine
+from service.database import get_worker_engine
 from service.db import Job
 from service.queue import TASK_EXPORT_MERGED
 from service.settings import Settings, get_settings
@@ -53,7 +53,7 @@ class MergeFailed(Exception):
 def export_merged(job_id: str) -> str:
     """Build the merged model archive of job `job_id`. Returns what happened (for logs and tests)."""
     settings = get_settings()
-    return export_merged_here(get_engine(settings.database_url), settings, job_id)
+    return export_merged_here(get_worker_engine(settings.database_url, settings.lease_s), settings, job_id)
 
 
 def export_merged_here(engine: Engine, settings: Settings, job_id: str) -> str:

@@ -108,7 +108,7 @@ def run_worker(concurrency: int = 1, hostname: str | None = None) -> int:
     Returns:
         The process exit status (0 after a clean shutdown).
     """
-    from service.database import get_engine
+    from service.database import get_worker_engine
     from service.queue import QUEUE
     from worker.app import app
 
@@ -118,7 +118,7 @@ def run_worker(concurrency: int = 1, hostname: str | None = None) -> int:
     settings = get_settings()
     settings.ensure_dirs()
     nodename = hostname or default_nodename()
-    engine = get_engine(settings.database_url)
+    engine = get_worker_engine(settings.database_url, settings.lease_s)
     _preload_torch()
     monitor = Monitor(settings, engine, nodename, concurrency)
     monitor.start()

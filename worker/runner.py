@@ -150,6 +150,9 @@ class DbCallback(TrainingCallback):
 
     # --- TrainingCallback -------------------------------------------------------------------
     def on_message(self, level: str, message: str) -> None:
+        if not self.may_write(-1):  # a holder that lost the lease says nothing more in the job's events
+            log.info("not recorded (lease lost on %s): %s", self.job_id, message)
+            return
         add_event(self.engine, self.job_id, message, level=level if level in ("info", "warn", "error") else "info")
 
     def on_start(self, info: dict) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 
-from service.database import get_engine
+from service.database import get_worker_engine
 from service.db import Job, Worker
 from service.queue import TASK_RUN_JOB
 from service.settings import Settings, get_settings
@@ -43,7 +43,7 @@ MAX_ATTEMPTS = 5
 def run_job(self: Any, job_id: str) -> str:
     """Run job `job_id` if nobody else holds it. Returns what happened (for logs and tests)."""
     settings = get_settings()
-    engine = get_engine(settings.database_url)
+    engine = get_worker_engine(settings.database_url, settings.lease_s)
     nodename = getattr(self.request, "hostname", None) or f"qlora@{socket.gethostname()}"
     return run_job_here(engine, settings, job_id, nodename)
 
@@ -113,6 +113,9 @@ def _execute(engine: Engine, settings: Settings, job_id: str, owner: str, lease:
         _fail(engine, job_id, owner, e.code, e.message, e.param)
         return "failed"
     except Exception as e:  # last resort: the user gets one line, the log gets the traceback
+        if not lease.confirm():  # e.g. its session ended while it was frozen (See Note: frozen lock holders)
+            log.warning("job %s: %s: %s, after losing the lease; its new holder goes on", job_id, type(e).__name__, e)
+            return "lease_lost"
         log.exception("job %s failed with an unexpected error", job_id)
         first_line = (str(e).strip().splitlines() or [""])[0][:500]
         _fail(engine, job_id, owner, "internal_error", f"{type(e).__name__}: {first_line}".rstrip(": "))

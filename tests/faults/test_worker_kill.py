@@ -218,29 +218,42 @@ def _steps_completed(stack: Stack, job_id: str) -> int:
     return int((stack.job_row(job_id).progress or {}).get("steps_completed") or 0)
 
 
-def _freeze_before_a_checkpoint(stack: Stack, held: WorkerProcess, job_id: str) -> int:
-    """SIGSTOP `held` inside the computation of the step just before a checkpoint step (12, else 18, else 24).
+def _freeze_before_a_checkpoint(stack: Stack, held: WorkerProcess, job_id: str) -> tuple[int, int]:
+    """SIGSTOP `held` inside the computation of the step just before a checkpoint step (12, else 18).
+
+    If both aims miss (a machine too loaded to aim at a step), freeze it after any recorded step
+    instead, as long as it is not inside a checkpoint write: woken, it then finds its lease gone at
+    its check before the next step rather than at the one right before a write, and must still
+    write nothing.
 
     Returns:
-        That checkpoint step. Frozen, `held` has recorded the step before it (perhaps that step
-        too) and has not begun writing its checkpoint.
-
-    Raises:
-        AssertionError: if every try froze it too late (a machine too loaded to aim at a step).
+        (the checkpoint step it would have written next, the checkpoint step a takeover resumes
+        from). Frozen, `held` is not writing a checkpoint.
     """
+    from worker.lease import parse_owner
+
     ckpt_dir = stack.job_dir(job_id) / "checkpoints"
-    for ckpt_step in range(2 * CHECKPOINT_STEPS, MAX_STEPS + 1, CHECKPOINT_STEPS):
+    trainer_pid = 0
+    for ckpt_step in (2 * CHECKPOINT_STEPS, 3 * CHECKPOINT_STEPS):
         stack.wait_until(f"step {ckpt_step - 1} of {job_id}",
                          lambda before=ckpt_step - 1: _steps_completed(stack, job_id) >= before, poll_s=0.002)
         time.sleep(FREEZE_DELAY_S)
         held.pause()
+        trainer_pid = trainer_pid or parse_owner(stack.job_row(job_id).lease_owner or "")[2]
         started = [name for name in os.listdir(ckpt_dir) if checkpoint_name(ckpt_step) in name]
         # Frozen before its checkpoint write began, whether or not the checkpoint step's metrics
         # are in: the lease is confirmed right before the write (TrainingCallback.may_write).
         if max(stack.metrics_steps(job_id)) in (ckpt_step - 1, ckpt_step) and not started:
-            return ckpt_step
+            return ckpt_step, ckpt_step - CHECKPOINT_STEPS
         held.resume()  # too late; paused for milliseconds, far inside its lease, so it goes on as before
-    raise AssertionError(f"could not freeze the holder before a checkpoint step\n{stack.logs()}")
+    while _steps_completed(stack, job_id) < MAX_STEPS - 1:
+        held.pause()
+        if not _temp_dirs_of(stack.job_dir(job_id), trainer_pid):
+            resume_from = _resume_point(stack, job_id)
+            return resume_from + CHECKPOINT_STEPS, resume_from
+        held.resume()
+        time.sleep(0.005)
+    raise AssertionError(f"the job ended before the holder could be frozen outside a write\n{stack.logs()}")
 
 
 def _temp_dirs_of(job_dir: Path, pid: int) -> set[str]:
@@ -264,7 +277,7 @@ def test_hung_holder_is_taken_over_after_its_lease_expires(fault_stack: Stack, f
     stack = fault_stack
     held = stack.start_worker("hung")
     job_id = stack.create_job(max_steps=MAX_STEPS, checkpoint_steps=CHECKPOINT_STEPS)
-    ckpt_step = _freeze_before_a_checkpoint(stack, held, job_id)
+    ckpt_step, resume_from = _freeze_before_a_checkpoint(stack, held, job_id)
     owner = stack.job_row(job_id).lease_owner
     assert owner.startswith(held.hostname + "|")
     trainer_pid = parse_owner(owner)[2]  # the job child, whose pid names its temp dirs
@@ -288,5 +301,5 @@ def test_hung_holder_is_taken_over_after_its_lease_expires(fault_stack: Stack, f
     assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=fault_reference)
     # ... and no event: not the note a run leaves when it stops ("stopped at step N of M").
     assert not [m for m in stack.messages(job_id) if m.startswith("stopped at step")], stack.messages(job_id)
-    assert run_start_points(stack, job_id) == [0, ckpt_step - CHECKPOINT_STEPS], stack.messages(job_id)
+    assert run_start_points(stack, job_id) == [0, resume_from], stack.messages(job_id)
     stack.stop_workers()
