@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api.bodylimit import BodyLimitMiddleware
 from api.errors import install_error_handlers
 from api.ratelimit import SlidingWindowLimiter
-from api.routes import files, health, inference, job_outputs, jobs, models
+from api.routes import console, files, health, inference, job_outputs, jobs, models
 from api.schemas import ErrorResponse
 from service.settings import Settings, get_settings
 
@@ -42,4 +42,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in (files.router, jobs.router, job_outputs.router, models.router, inference.router):
         app.include_router(r, responses=common)  # type: ignore[arg-type]
     app.include_router(health.router, responses={500: {"model": ErrorResponse}})
+    app.include_router(console.router)
     return app

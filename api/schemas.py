@@ -194,6 +194,22 @@ class JobObject(BaseModel):
         )
 
 
+class EstimateWorker(BaseModel):
+    device: str
+    device_memory_bytes: int
+    compute_dtype: str | None
+
+
+class JobEstimate(BaseModel):
+    """`POST /v1/fine_tuning/jobs/estimate`: a job request checked, not created (extension)."""
+
+    object: Literal["fine_tuning.job.estimate"] = "fine_tuning.job.estimate"
+    estimated_memory_bytes: int | None = Field(description="peak training memory; null when the model's shape is unknown")
+    hyperparameters: dict[str, Any]
+    qlora: dict[str, Any] = Field(description="the resolved training configuration")
+    workers: list[EstimateWorker] = Field(description="live workers, most device memory first")
+
+
 def resolved_hyperparameters(cfg: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's three hyperparameters as resolved into a TrainConfig dict."""
     lr = cfg.get("learning_rate", BASE_LEARNING_RATE)

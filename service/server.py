@@ -174,6 +174,7 @@ def serve(host: str | None = None, port: int | None = None, with_worker: bool = 
     url = f"http://{host}:{port}"
     banner = (
         f"\nQLoRA fine-tuning service at {url}  (OpenAI base_url: {url}/v1, docs: {url}/docs)\n"
+        f"web console: {url}/  (sign in with the key below)\n"
         f"data dir: {settings.data_dir}  ({'embedded' if settings.embedded else 'external'} database and broker)\n"
         f"dev API key (tenant {settings.dev_tenant!r}): {key}\n"
         f"inference server: {inference.url if inference else (settings.inference_url or 'none')}\n"

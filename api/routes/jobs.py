@@ -10,7 +10,8 @@ worker's reconciler. Cancellation is cooperative (REFERENCES.md "Celery for long
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 from kombu.exceptions import OperationalError as BrokerError
@@ -19,10 +20,11 @@ from sqlalchemy import func, select, update
 from api.basemodels import base_model
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
-from api.fitcheck import check_fit
+from api.fitcheck import check_fit, live_workers
 from api.jobspec import check_metadata, hyperparameters_param, resolve_config
 from api.routes.pagination import paginate
-from api.schemas import ErrorResponse, JobCreate, JobList, JobObject
+from api.schemas import (ErrorResponse, EstimateWorker, JobCreate, JobEstimate, JobList, JobObject,
+                         resolved_hyperparameters)
 from service import queue
 from service.db import ACTIVE_STATUSES, FINISHED_STATUSES, File, Job, JobEvent, new_id, now
 
@@ -56,14 +58,19 @@ def _check_file(session: SessionDep, tenant_id: str, file_id: str, param: str) -
     return f
 
 
-@router.post("", response_model=JobObject)
-def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, session: SessionDep,
-               settings: SettingsDep) -> JobObject:
-    """Create a fine-tuning job; it starts as `validating_files` and is handed to a worker.
+@dataclass(frozen=True)
+class _Checked:
+    """A job request that passed every check a client can fail."""
 
-    A job whose estimated peak memory exceeds the largest live worker's device is refused with
-    400 `insufficient_device_memory` (api/fitcheck.py).
-    """
+    config: dict[str, Any]
+    requested: dict[str, Any]
+    method: dict[str, Any]
+    metadata: dict[str, str] | None
+    estimated_memory_bytes: int | None
+
+
+def _check_request(req: JobCreate, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> _Checked:
+    """Everything `create_job` validates before it records anything (shared with `estimate_job`)."""
     if base_model(settings.models_dir, req.model) is None:
         raise APIError(400, f"Model {req.model!r} does not exist or is not available for fine-tuning. "
                        "GET /v1/models lists the base models.", param="model", code="model_not_found")
@@ -77,6 +84,37 @@ def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, sessi
     config, requested, method = resolve_config(req)
     # Refuse now what no worker can hold, rather than failing out of memory after the queue.
     estimated = check_fit(session, settings, req.model, config, hyperparameters_param(req))
+    return _Checked(config, requested, method, metadata, estimated)
+
+
+@router.post("/estimate", response_model=JobEstimate)
+def estimate_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, session: SessionDep,
+                 settings: SettingsDep) -> JobEstimate:
+    """Check a job request without creating it (an extension; the console calls it as the form changes).
+
+    Answers what creating it would answer, short of recording it: the same 400s (a bad file, a
+    value out of range, `insufficient_device_memory` when no live worker can hold it), or the
+    resolved configuration with its peak-memory estimate and the live workers' devices.
+    """
+    checked = _check_request(req, principal, session, settings)
+    workers = [EstimateWorker(device=w.device, device_memory_bytes=w.device_memory_bytes,
+                              compute_dtype=w.compute_dtype) for w in live_workers(session, settings)]
+    return JobEstimate(estimated_memory_bytes=checked.estimated_memory_bytes,
+                       hyperparameters=resolved_hyperparameters(checked.config), qlora=checked.config,
+                       workers=workers)
+
+
+@router.post("", response_model=JobObject)
+def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, session: SessionDep,
+               settings: SettingsDep) -> JobObject:
+    """Create a fine-tuning job; it starts as `validating_files` and is handed to a worker.
+
+    A job whose estimated peak memory exceeds the largest live worker's device is refused with
+    400 `insufficient_device_memory` (api/fitcheck.py).
+    """
+    checked = _check_request(req, principal, session, settings)
+    config, requested, method = checked.config, checked.requested, checked.method
+    metadata, estimated = checked.metadata, checked.estimated_memory_bytes
 
     unfinished = session.scalar(select(func.count()).select_from(Job).where(
         Job.api_key_id == principal.key_id, Job.status.in_(ACTIVE_STATUSES)))

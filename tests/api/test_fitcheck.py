@@ -134,3 +134,30 @@ def test_auto_dtype_is_estimated_as_each_worker_would_compute(client, alice, tin
     # An explicit dtype is what every worker would use: float32 fits neither.
     assert_error(create(client, alice, tiny, train_file, compute_dtype="float32", **shape), 400,
                  "insufficient_device_memory")
+
+
+def test_estimate_answers_without_creating_a_job(client, alice, tiny, train_file, settings):
+    """POST /jobs/estimate (the console's memory preview) gives what creating would record, and creates nothing."""
+    add_worker(settings, "big-gpu", 10 * GIB, compute_dtype="bfloat16")
+    body = {"model": tiny, "training_file": train_file, "hyperparameters": {"batch_size": 2}}
+    est = client.post("/v1/fine_tuning/jobs/estimate", headers=alice.headers, json=body)
+    assert est.status_code == 200, est.text
+    est = est.json()
+    assert est["object"] == "fine_tuning.job.estimate"
+    assert est["workers"] == [{"device": "cuda:0 (big-gpu)", "device_memory_bytes": 10 * GIB,
+                               "compute_dtype": "bfloat16"}]
+    assert est["hyperparameters"]["batch_size"] == 2 and est["qlora"]["batch_size"] == 2
+    assert client.get("/v1/fine_tuning/jobs", headers=alice.headers).json()["data"] == []
+    job = client.post("/v1/fine_tuning/jobs", headers=alice.headers, json=body).json()
+    assert est["estimated_memory_bytes"] == job["estimated_memory_bytes"] > 0
+
+
+def test_estimate_refuses_as_creating_would(client, alice, bob, tiny, train_file, settings):
+    add_worker(settings, "one-byte-gpu", 1)
+    body = {"model": tiny, "training_file": train_file}
+    assert_error(client.post("/v1/fine_tuning/jobs/estimate", headers=alice.headers, json=body), 400,
+                 "insufficient_device_memory")
+    # another tenant's file is not there for bob, as when creating
+    assert_error(client.post("/v1/fine_tuning/jobs/estimate", headers=bob.headers, json=body), 400, "file_not_found")
+    assert_error(client.post("/v1/fine_tuning/jobs/estimate", headers=alice.headers,
+                             json={**body, "hyperparameters": {"n_epochs": 0}}), 400, "invalid_value")
