@@ -71,11 +71,11 @@ class Console:
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Console]:
-    """`qlora serve --no-inference` (API + one embedded worker) on a fresh data dir with the tiny model."""
+    """`qlora serve` (API, one embedded worker, the inference server) on a fresh data dir with the tiny model."""
     root = tmp_path_factory.mktemp("console")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_") or k == "QLORA_REQUIRE_SERVICES"}
     env.update(QLORA_DATA_DIR=str(root / "data"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               QLORA_HEARTBEAT_S="2", QLORA_RECONCILE_INTERVAL_S="5")
+               QLORA_HEARTBEAT_S="2", QLORA_RECONCILE_INTERVAL_S="5", QLORA_INFERENCE_PORT=str(free_port()))
     with ExitStack() as stack:
         _run(qlora_cmd("db", "upgrade"), env)
         _run(qlora_cmd("models", "import", str(tiny_model_dir), "--id", TINY_MODEL_ID), env)
@@ -83,7 +83,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         port = free_port()
         log = root / "serve.log"
         fh = stack.enter_context(open(log, "wb"))
-        proc = subprocess.Popen(qlora_cmd("serve", "--no-inference", "--host", "127.0.0.1", "--port", str(port)),
+        proc = subprocess.Popen(qlora_cmd("serve", "--host", "127.0.0.1", "--port", str(port)),
                                 env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         stack.callback(_stop, proc)
         url = f"http://127.0.0.1:{port}"
@@ -242,6 +242,7 @@ def test_a_job_from_the_form_to_the_adapter_with_a_live_chart(page: Any, console
     _wait_points(page, lambda n: n == n_metrics, f"== {n_metrics}")
     page.get_by_role("button", name="Download adapter").wait_for()
     page.screenshot(path=str(ARTIFACTS / "job-finished.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "job-finished-top.png"))  # the README's picture
     with page.expect_download() as dl:
         page.get_by_role("button", name="Download adapter").click()
     target = tmp_path / "adapter.tar.gz"
@@ -250,6 +251,28 @@ def test_a_job_from_the_form_to_the_adapter_with_a_live_chart(page: Any, console
         names = {Path(n).name for n in tar.getnames()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names
     assert page.get_by_role("cell", name=re.compile(r"^\d+$")).count() >= 1  # the checkpoints table
+
+
+def test_playground_streams_the_fine_tuned_and_the_base_model_side_by_side(page: Any, console: Console) -> None:
+    jobs = console.api("GET", "/v1/fine_tuning/jobs").json()["data"]
+    tuned = next(j for j in jobs if j["status"] == "succeeded")
+    _sign_in(page, console)
+    page.goto(f"{console.url}/#/models")
+    page.get_by_role("row", name=tuned["fine_tuned_model"]).get_by_role("link", name="Try").click()
+    assert page.get_by_label("Fine-tuned model", exact=True).input_value() == tuned["fine_tuned_model"]
+    page.get_by_label("User message").fill("What is 3 plus 4?")
+    page.get_by_label("Max tokens").fill("8")
+    page.get_by_role("button", name="Send to both").click()
+    for side, model in (("Fine-tuned model's answer", tuned["fine_tuned_model"]), ("Base model's answer", tuned["model"])):
+        region = page.get_by_role("region", name=side)
+        region.locator(".stats", has_text="tokens in").wait_for(timeout=120_000)
+        assert region.locator("h2 code").inner_text() == model
+        # the same greedy answer the API gives that model (a random tiny model may well answer blank lines)
+        want = console.api("POST", "/v1/chat/completions", json={
+            "model": model, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is 3 plus 4?"}]}).json()
+        assert region.locator(".answer").text_content() == want["choices"][0]["message"]["content"], side
+        assert region.locator(".stats").inner_text().startswith(f"{want['usage']['completion_tokens']} tokens in")
 
 
 def test_every_control_has_a_label_and_phone_width_does_not_scroll_sideways(browser: Any, console: Console) -> None:
