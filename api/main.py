@@ -1,6 +1,6 @@
 """The FastAPI application: `create_app()` wires settings, routers, error handlers and the rate limiter.
 
-`uvicorn --factory api.main:create_app` serves it; `qlora serve` (service/server.py) migrates the
+`uvicorn --factory api.main:create_app` serves it; `qlora serve` (qlora_cli/serve.py) migrates the
 database first. OpenAPI is at `/openapi.json`, the interactive docs at `/docs`.
 """
 

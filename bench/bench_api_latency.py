@@ -40,7 +40,7 @@ import numpy as np
 from openai import OpenAI
 
 from service.db import FINISHED_STATUSES
-from service.probe import free_port, wait_for_job_status, wait_until_ready
+from qlora_cli.probe import free_port, wait_for_job_status, wait_until_ready
 from service.lifetime import adopt_from_env, owned_child_env
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -63,7 +63,7 @@ def _bin(name: str) -> list[str]:
     script = Path(sys.executable).parent / name
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", {"qlora": "service.cli"}.get(name, name)]
+    return [sys.executable, "-m", {"qlora": "qlora_cli.main"}.get(name, name)]
 
 
 def _service_env(data_dir: Path) -> dict[str, str]:

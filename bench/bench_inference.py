@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `pytho
 
 from bench.common import AVX2_EMULATION_ENV, REPO_ROOT, cpu_description, median, run_child  # noqa: E402
 from service.lifetime import adopt_from_env, owned_child_env  # noqa: E402
-from service.probe import free_port  # noqa: E402
+from qlora_cli.probe import free_port  # noqa: E402
 
 BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper who finds a message "
@@ -140,7 +140,7 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
 
 
 class InferenceServer:
-    """`python -m service.cli infer` as an owned child, stopped (then killed) however the bench ends."""
+    """`python -m qlora_cli.main infer` as an owned child, stopped (then killed) however the bench ends."""
 
     def __init__(self, data_dir: Path, log_path: Path) -> None:
         self.port = free_port()
@@ -149,7 +149,7 @@ class InferenceServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
         env.update(QLORA_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "infer", "--host", "127.0.0.1",
+            self.proc = subprocess.Popen([sys.executable, "-m", "qlora_cli.main", "infer", "--host", "127.0.0.1",
                                           "--port", str(self.port)], env=owned_child_env(env), cwd=REPO_ROOT,
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
 

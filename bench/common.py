@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.demo import gsm8k_path  # one place knows where the GSM8K wheel keeps its file
+from qlora_cli.demo import gsm8k_path  # one place knows where the GSM8K wheel keeps its file
 from service.lifetime import adopt_from_env, owned_child_env
 
 logger = logging.getLogger(__name__)

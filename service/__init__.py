@@ -1,5 +1,6 @@
-"""Pieces shared by the API and the workers: settings, database models, artifact store, CLI.
+"""The shared base the API, the workers and the inference server stand on: settings, database
+models and engine, the artifact store, API keys, the Celery queue, and child-process lifetime.
 
-Nothing here imports torch at module level; the CLI imports `qlora_core` lazily for the
-commands that train or inspect models.
+It imports none of `api`, `worker`, `inference`, `qlora_core` or `qlora_cli` (the entry points,
+one floor above), and nothing here imports torch.
 """

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.cli import build_parser
+from qlora_cli.main import build_parser
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

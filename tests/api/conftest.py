@@ -89,7 +89,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture()
 def server(settings: Settings, alice: Tenant) -> Iterator[str]:
     """The app under a live uvicorn on a free port, for the official `openai` SDK: its base URL."""
-    from service.probe import free_port
+    from qlora_cli.probe import free_port
 
     port = free_port()
     env = {**os.environ, "QLORA_DATA_DIR": str(settings.data_dir)}

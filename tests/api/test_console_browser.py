@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.probe import free_port, wait_until_ready
+from qlora_cli.probe import free_port, wait_until_ready
 from tests.e2e.conftest import TINY_MODEL_ID, _run, _stop, qlora_cmd
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ from starlette.routing import Route
 from qlora_core.store import BUNDLED_MODEL_ID
 from service.database import session_scope
 from service.db import Job
-from service.probe import free_port
+from qlora_cli.probe import free_port
 from tests.api.conftest import assert_error, jsonl, upload
 from tests.api.test_models import _succeeded_job
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from service.probe import free_port, wait_until_ready
+from qlora_cli.probe import free_port, wait_until_ready
 from tests.e2e.services import private_postgres, private_redis
 
 TINY_MODEL_ID = "test/tiny-llama"
@@ -31,9 +31,9 @@ READY_TIMEOUT_S = 180
 
 
 def qlora_cmd(*args: str) -> list[str]:
-    """The `qlora` console script of this interpreter's environment (or `python -m service.cli`)."""
+    """The `qlora` console script of this interpreter's environment (or `python -m qlora_cli.main`)."""
     script = Path(sys.executable).parent / "qlora"
-    return [str(script), *args] if script.exists() else [sys.executable, "-m", "service.cli", *args]
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "qlora_cli.main", *args]
 
 
 @dataclass

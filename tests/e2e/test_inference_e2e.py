@@ -144,7 +144,7 @@ def _check_merged_export(live: LiveService, job_id: str, tmp_path: Path) -> None
 
 
 def test_a_killed_inference_server_comes_back(live: LiveService) -> None:
-    children = subprocess.run(["pgrep", "-P", str(live.procs["api"].pid), "-f", "service.cli infer"],
+    children = subprocess.run(["pgrep", "-P", str(live.procs["api"].pid), "-f", "qlora_cli.main infer"],
                               capture_output=True, text=True).stdout.split()  # fmt: skip
     assert len(children) == 1, children
     subprocess.run(["kill", f"-{signal.SIGKILL.value}", children[0]], check=True)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service.db import FINISHED_STATUSES
-from service.probe import wait_for_job_status
+from qlora_cli.probe import wait_for_job_status
 from tests.e2e.conftest import TINY_MODEL_ID, LiveService
 
 pytestmark = pytest.mark.slow

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from service.probe import free_port
+from qlora_cli.probe import free_port
 
 START_TIMEOUT_S = 60.0
 # Figures the fault tests measured (e.g. requests tried); conftest prints them as key=value at the end.

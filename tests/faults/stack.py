@@ -52,9 +52,9 @@ def training_jsonl(n: int) -> bytes:
 
 
 def qlora_cmd(*args: str) -> list[str]:
-    """The `qlora` console script of this interpreter's environment (or `python -m service.cli`)."""
+    """The `qlora` console script of this interpreter's environment (or `python -m qlora_cli.main`)."""
     script = Path(sys.executable).parent / "qlora"
-    return [str(script), *args] if script.exists() else [sys.executable, "-m", "service.cli", *args]
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "qlora_cli.main", *args]
 
 
 class WorkerProcess:
@@ -220,7 +220,7 @@ class Stack:
     def wait_finished(self, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> Any:
         """The job as the SDK returns it once it is succeeded, failed or cancelled."""
         from service.db import FINISHED_STATUSES
-        from service.probe import wait_for_job_status
+        from qlora_cli.probe import wait_for_job_status
 
         return wait_for_job_status(self.client(), job_id, FINISHED_STATUSES, timeout_s, log_tail=self.logs)
 

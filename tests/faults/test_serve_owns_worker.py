@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from qlora_core.store import ModelStore
-from service.probe import free_port, wait_until_ready
+from qlora_cli.probe import free_port, wait_until_ready
 from tests.faults.stack import FAST_ENV, JOB_QLORA, TINY_MODEL_ID, qlora_cmd, training_jsonl
 
 pytestmark = pytest.mark.slow

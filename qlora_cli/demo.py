@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from service.lifetime import owned_child_env
-from service.probe import free_port, wait_until_ready
+from qlora_cli.probe import free_port, wait_until_ready
 from service.settings import get_settings
 
 BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -193,7 +193,7 @@ def run_demo(steps: int | None = None, n_examples: int | None = None) -> int:
     log_path = Path(settings.data_dir) / "demo-serve.log"
     print(f"Starting the service at {base_url} (data dir {settings.data_dir}; log {log_path}) ...", flush=True)
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        server = subprocess.Popen([sys.executable, "-m", "qlora_cli.main", "serve", "--port", str(port)],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                   env=owned_child_env(dict(os.environ)))
     try:

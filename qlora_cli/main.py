@@ -63,7 +63,7 @@ def _cmd_models_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from qlora_cli.serve import serve
 
     return serve(host=args.host, port=args.port, with_worker=not args.no_worker, with_inference=not args.no_inference)
 
@@ -106,7 +106,7 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from service.demo import run_demo
+    from qlora_cli.demo import run_demo
 
     return run_demo(steps=args.steps, n_examples=args.examples)
 

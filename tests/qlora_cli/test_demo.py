@@ -1,11 +1,11 @@
-"""service/demo.py: the demo's work is sized to the machine it runs on (See Note: the demo sized to the machine)."""
+"""qlora_cli/demo.py: the demo's work is sized to the machine it runs on (See Note: the demo sized to the machine)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from service import demo
+from qlora_cli import demo
 
 
 @pytest.mark.parametrize("gflops,expected", [

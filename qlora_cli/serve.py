@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from service.lifetime import owned_child_env
-from service.probe import free_port
+from qlora_cli.probe import free_port
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     """Start `qlora worker` in its own process group (so Ctrl-C reaches only this process,
     which then stops the worker in order); it dies with this process however this process dies
     (See Note: owned children in service/lifetime.py)."""
-    cmd = [sys.executable, "-m", "service.cli", "worker"]
+    cmd = [sys.executable, "-m", "qlora_cli.main", "worker"]
     log.info("starting the worker: %s", " ".join(cmd))
     return subprocess.Popen(cmd, env=owned_child_env(_child_env()), start_new_session=True)
 
@@ -104,7 +104,7 @@ class InferenceSupervisor:
         self._thread = threading.Thread(target=self._watch, name="inference-supervisor", daemon=True)
 
     def _start(self) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "infer", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "qlora_cli.main", "infer", "--host", "127.0.0.1", "--port", str(self.port)]
         log.info("starting the inference server: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, env=owned_child_env(_child_env()), start_new_session=True)
 
@@ -161,7 +161,7 @@ def serve(host: str | None = None, port: int | None = None, with_worker: bool = 
     if with_worker:
         # Registering the bundled model imports transformers (and, the first time, dequantizes
         # a GGUF for ~15 s): done beside the API, never inside it.
-        bundled = subprocess.Popen([sys.executable, "-m", "service.cli", "models", "ensure-bundled"],
+        bundled = subprocess.Popen([sys.executable, "-m", "qlora_cli.main", "models", "ensure-bundled"],
                                    env=owned_child_env(_child_env()))
         worker = start_worker(settings)
     inference: InferenceSupervisor | None = None
