@@ -301,3 +301,38 @@ class ModelDeleted(BaseModel):
     id: str
     object: Literal["model"] = "model"
     deleted: bool = True
+
+
+# --- webhooks (extension) ----------------------------------------------------------------------
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=2048)
+    events: list[str] | None = Field(default=None, description="default: all three job events")
+
+
+class WebhookEndpointObject(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[str]
+    created_at: int
+    secret: str | None = Field(default=None, description="`whsec_...`: only in the answer to POST")
+
+    @classmethod
+    def from_row(cls, w: Any, with_secret: bool = False) -> "WebhookEndpointObject":
+        return cls(id=w.id, url=w.url, events=list(w.events), created_at=w.created_at,
+                   secret=w.secret if with_secret else None)
+
+
+class WebhookEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpointObject]
+    has_more: bool = False
+
+
+class WebhookDeleted(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    deleted: bool = True

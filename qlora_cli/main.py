@@ -105,6 +105,44 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0 if n else 1
 
 
+def _cmd_webhooks_create(args: argparse.Namespace) -> int:
+    from service.database import session_scope
+    from service.keys import get_or_create_tenant
+    from service.migrate import upgrade
+    from service.settings import get_settings
+    from service.webhooks import InvalidWebhookUrl, register_endpoint
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    try:
+        with session_scope(settings.database_url) as session:
+            tenant = get_or_create_tenant(session, args.tenant)
+            row = register_endpoint(session, tenant.id, args.url, args.events, settings.webhook_allow_insecure)
+            endpoint_id, secret = row.id, row.secret
+    except (InvalidWebhookUrl, ValueError) as e:
+        print(f"qlora webhooks create: {e}", file=sys.stderr)
+        return 2
+    print(f"created webhook endpoint {endpoint_id} for tenant {args.tenant!r}: {args.url}")
+    print(secret)  # the signing secret, shown this once
+    return 0
+
+
+def _cmd_webhooks_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from service.database import session_scope
+    from service.db import Tenant, WebhookEndpoint
+    from service.settings import get_settings
+
+    with session_scope(get_settings().database_url) as session:
+        rows = session.execute(select(WebhookEndpoint).join(Tenant, Tenant.id == WebhookEndpoint.tenant_id)
+                               .where(Tenant.name == args.tenant, WebhookEndpoint.deleted_at.is_(None))
+                               .order_by(WebhookEndpoint.seq)).scalars().all()
+        for w in rows:
+            print(f"{w.id}  {w.url}  {','.join(w.events)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qlora_cli.demo import run_demo
 
@@ -166,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                      help="auto (default): what this machine's device runs natively, as a worker here would")
     ins.set_defaults(func=_cmd_models_inspect)
+
+    hooks = sub.add_parser("webhooks", help="tenants' webhook endpoints").add_subparsers(
+        dest="webhooks_command", required=True)
+    hc = hooks.add_parser("create", help="register an endpoint; its whsec_ secret is the last line of stdout")
+    hc.add_argument("--tenant", required=True)
+    hc.add_argument("--url", required=True)
+    hc.add_argument("--events", nargs="+", default=None,
+                    help="default: fine_tuning.job.succeeded fine_tuning.job.failed fine_tuning.job.cancelled")
+    hc.set_defaults(func=_cmd_webhooks_create)
+    hl = hooks.add_parser("list", help="a tenant's endpoints (without their secrets)")
+    hl.add_argument("--tenant", required=True)
+    hl.set_defaults(func=_cmd_webhooks_list)
 
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded service")
     d.add_argument("--steps", type=int, default=None)

@@ -158,6 +158,9 @@ class Job(Base):
     lease_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     enqueued_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # When the job's final status was turned into webhook deliveries (See Note: webhook outbox in
+    # service/webhooks.py); NULL while it is unfinished or not yet announced.
+    webhooks_emitted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
 
 
 class JobEvent(Base):
@@ -206,5 +209,42 @@ class Worker(Base):
     alive: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
+class WebhookEndpoint(Base):
+    """A tenant's webhook receiver. The secret is kept as issued: signing needs it (unlike API keys,
+    which are only ever compared and so are stored hashed)."""
+
+    __tablename__ = "webhook_endpoints"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # we-…
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[Any]] = mapped_column(JSON)  # event types it receives
+    secret: Mapped[str] = mapped_column(String(128))  # whsec_…
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint, in the outbox until delivered (See Note: webhook outbox)."""
+
+    __tablename__ = "webhook_deliveries"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # msg-…: the `webhook-id` header
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    event_id: Mapped[str] = mapped_column(String(64))  # evt_…, the payload's `id`
+    type: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    payload: Mapped[str] = mapped_column(Text)  # the exact body sent, every try the same bytes
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed | dropped
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    locked_until: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
 Index("ix_jobs_tenant_seq", Job.tenant_id, Job.seq)
+Index("ix_webhook_deliveries_due", WebhookDelivery.status, WebhookDelivery.next_attempt_at)
 Index("ix_events_job_seq", JobEvent.job_id, JobEvent.seq)

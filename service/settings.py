@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     inference_max_adapter_bytes: int = 2 * 1024**3  # LRU budget for the adapters held beside each base model
 
     # Workers
+    # Webhooks (service/webhooks.py): by default only https:// endpoints on public addresses;
+    # true allows http:// and loopback or private addresses (development and tests).
+    webhook_allow_insecure: bool = False
+    webhook_poll_s: float = 2.0  # how often each API process looks for events to send
     job_time_limit_s: int = 24 * 3600
     lease_s: int = 60  # a job whose holder has not heart-beaten for this long is taken over
     heartbeat_s: int = 10

@@ -99,6 +99,8 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         QLORA_HEARTBEAT_S="2",
         QLORA_LEASE_S="30",
         QLORA_RECONCILE_INTERVAL_S="5",
+        QLORA_WEBHOOK_ALLOW_INSECURE="true",  # the tests' receivers listen on loopback over http
+        QLORA_WEBHOOK_POLL_S="0.5",
     )
     with ExitStack() as stack:
         if request.param == "production":

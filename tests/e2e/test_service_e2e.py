@@ -145,3 +145,38 @@ def _first_metrics_delay(live: LiveService, job_id: str, t0: float, events: list
     created = live.client().fine_tuning.jobs.retrieve(job_id).created_at
     first = next(e["created_at"] for e in events if e["type"] == "metrics")
     return float(first - created)
+
+
+def test_webhooks_announce_each_end_verified_by_the_sdk(live: LiveService) -> None:
+    """A receiver written with the `openai` SDK (`webhooks.unwrap`) gets a signed event for a job that
+    succeeds and for one that is cancelled; an endpoint made with `qlora webhooks create` for another
+    tenant gets nothing."""
+    from tests.e2e.conftest import _run, qlora_cmd
+    from tests.webhook_receiver import Receiver
+
+    mine = Receiver().start()
+    theirs = Receiver().start()
+    try:
+        r = httpx.post(f"{live.base_url}/v1/webhooks", headers=live.headers, json={"url": mine.url}, timeout=30)
+        assert r.status_code == 200, r.text
+        mine.secret = r.json()["secret"]
+        out = _run(qlora_cmd("webhooks", "create", "--tenant", "someone-else", "--url", theirs.url), live.env)
+        theirs.secret = out.strip().splitlines()[-1]
+        assert theirs.secret.startswith("whsec_")
+        assert theirs.url in _run(qlora_cmd("webhooks", "list", "--tenant", "someone-else"), live.env)
+
+        done, _ = _create_job(live, n_examples=12, max_steps=2)
+        queued, _ = _create_job(live, n_examples=12, max_steps=400)
+        live.client().fine_tuning.jobs.cancel(queued.id)
+        assert _wait_finished(live, done.id).status == "succeeded"
+        assert _wait_finished(live, queued.id).status == "cancelled"
+        deadline = time.monotonic() + 60
+        while len(mine.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        got = {r["event"].data.id: r["event"].type for r in mine.received}
+        assert got == {done.id: "fine_tuning.job.succeeded", queued.id: "fine_tuning.job.cancelled"}, \
+            (mine.received, mine.invalid, live.log_tail())
+        assert not mine.invalid and theirs.received == []
+    finally:
+        mine.stop()
+        theirs.stop()
