@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.bodylimit import BodyLimitMiddleware
+from api.metrics import LatencyMiddleware, make_registry
+from api.metrics import router as metrics_router
 from api.errors import install_error_handlers
 from api.ratelimit import SlidingWindowLimiter
 from api.routes import console, files, health, inference, job_outputs, jobs, models, webhooks
@@ -56,10 +58,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute, 60.0)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
+    app.state.metrics_registry, latency = make_registry(settings)
+    app.add_middleware(LatencyMiddleware, histogram=latency)
     # Every /v1 operation may answer these (auth, rate limit, a bad request, the database down).
     common = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
     for r in (files.router, jobs.router, job_outputs.router, models.router, inference.router, webhooks.router):
         app.include_router(r, responses=common)  # type: ignore[arg-type]
     app.include_router(health.router, responses={500: {"model": ErrorResponse}})
+    app.include_router(metrics_router, responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
     app.include_router(console.router)
     return app

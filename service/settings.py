@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Webhooks (service/webhooks.py): by default only https:// endpoints on public addresses;
     # true allows http:// and loopback or private addresses (development and tests).
     webhook_allow_insecure: bool = False
+    # GET /metrics: with a token, only `Authorization: Bearer <token>`; without, loopback clients only.
+    metrics_token: str = ""
     webhook_poll_s: float = 2.0  # how often each API process looks for events to send
     job_time_limit_s: int = 24 * 3600
     lease_s: int = 60  # a job whose holder has not heart-beaten for this long is taken over

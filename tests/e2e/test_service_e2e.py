@@ -124,6 +124,10 @@ def test_cancel_a_running_job(live: LiveService) -> None:
     job, _ = _create_job(live, n_examples=40, max_steps=400)
     first = _sse_events(live, job.id, until_metrics=True)
     assert first and first[-1]["type"] == "metrics", live.log_tail()
+    # `curl /metrics` (from loopback, no token set) shows it running, with its worker
+    text = httpx.get(f"{live.base_url}/metrics", timeout=30).text
+    assert 'qlora_jobs{status="running"} 1.0' in text, text
+    assert f'job="{job.id}"' in text and "qlora_worker_up{" in text
     client = live.client()
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status in ("running", "cancelled")
