@@ -15,7 +15,7 @@ from api.bodylimit import BodyLimitMiddleware
 from api.metrics import LatencyMiddleware, make_registry
 from api.metrics import router as metrics_router
 from api.errors import install_error_handlers
-from api.ratelimit import SlidingWindowLimiter
+from api.ratelimit import make_limiter
 from api.routes import console, files, health, inference, job_outputs, jobs, models, webhooks
 from api.schemas import ErrorResponse
 from service.settings import Settings, get_settings
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "plus adapter downloads. Authenticate with `Authorization: Bearer sk-qlora-...`.",
     )
     app.state.settings = settings
-    app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute, 60.0)
+    app.state.rate_limiter = make_limiter(settings.broker_url, settings.rate_limit_per_minute)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
     app.state.metrics_registry, latency = make_registry(settings)
