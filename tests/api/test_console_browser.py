@@ -75,7 +75,8 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     root = tmp_path_factory.mktemp("console")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_") or k == "QLORA_REQUIRE_SERVICES"}
     env.update(QLORA_DATA_DIR=str(root / "data"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               QLORA_HEARTBEAT_S="2", QLORA_RECONCILE_INTERVAL_S="5", QLORA_INFERENCE_PORT=str(free_port()))
+               QLORA_HEARTBEAT_S="2", QLORA_RECONCILE_INTERVAL_S="5", QLORA_INFERENCE_PORT=str(free_port()),
+               QLORA_DEVICE_MEMORY_BYTES=str(4 * 2**30))  # the worker's device: what the form's estimate checks
     with ExitStack() as stack:
         _run(qlora_cmd("db", "upgrade"), env)
         _run(qlora_cmd("models", "import", str(tiny_model_dir), "--id", TINY_MODEL_ID), env)
@@ -207,6 +208,14 @@ def test_a_job_from_the_form_to_the_adapter_with_a_live_chart(page: Any, console
     _upload(page, "sums.jsonl", _dataset(40))
     page.locator(".upload-result .ok").wait_for()
     page.get_by_label("Base model").select_option(TINY_MODEL_ID)
+    # Too big for the worker's 4 GiB: refused as the form changes, before anything is queued.
+    page.get_by_label("Batch size").fill("256")
+    page.get_by_label("LoRA rank").fill("512")
+    refusal = page.locator(".estimate").get_by_role("alert")
+    refusal.wait_for()
+    assert "No worker can hold this job" in refusal.inner_text()
+    assert "insufficient_device_memory" in refusal.inner_text() and "4.0 GiB" in refusal.inner_text()
+    assert console.api("GET", "/v1/fine_tuning/jobs").json()["data"] == []
     page.get_by_label("Epochs").fill("12")
     page.get_by_label("Batch size").fill("1")
     page.get_by_label("LoRA rank").fill("8")

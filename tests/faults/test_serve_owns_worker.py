@@ -87,6 +87,7 @@ def test_sigkilled_serve_leaves_no_worker_and_a_restart_runs_one(tiny_model_dir:
         job_children = [c for c in worker.children() if _alive(c)]
         assert job_children, "the worker's prefork child (training the job) should be running"
         tree = [p for p in psutil.Process(serve.pid).children(recursive=True) if _alive(p)]
+        assert any("infer" in p.cmdline() for p in tree), "serve should have started its inference server"
 
         os.kill(serve.pid, signal.SIGKILL)
         serve.wait(timeout=10)

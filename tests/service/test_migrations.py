@@ -74,3 +74,21 @@ def test_sqlite_fresh_database(tmp_path):
 @pytest.mark.services
 def test_postgresql_fresh_database(pg_url):
     _check(pg_url)
+
+
+def test_upgrade_announces_nothing_about_jobs_that_ended_before_webhooks(tmp_path):
+    """0005 marks already finished jobs as announced, so the first dispatcher sends no old events."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    command.upgrade(alembic_config(url), "0004")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('org-a', 'a', 1)"))
+        for job_id, status, finished in (("ftjob-old", "succeeded", 100), ("ftjob-live", "running", None)):
+            conn.execute(text(
+                "INSERT INTO jobs (id, tenant_id, model, training_file, status, seed, hyperparameters, config, "
+                "created_at, finished_at, attempts) VALUES (:id, 'org-a', 'm', 'file-x', :status, 1, '{}', '{}', 1, "
+                ":finished, 0)"), {"id": job_id, "status": status, "finished": finished})
+    upgrade(url)
+    with engine.connect() as conn:
+        emitted = dict(conn.execute(text("SELECT id, webhooks_emitted_at FROM jobs")).all())
+    assert emitted == {"ftjob-old": 100, "ftjob-live": None}
