@@ -227,8 +227,9 @@ def test_a_job_from_the_form_to_the_adapter_with_a_live_chart(page: Any, console
 
     # While it runs the chart gains points from the event stream.
     first = _wait_points(page, lambda n: n >= 2, ">= 2")
+    # the status badge follows the job object, refreshed within ~2 s of the stream's events
+    page.locator(".page-head .badge", has_text="running").wait_for()
     page.screenshot(path=str(ARTIFACTS / "job-running.png"), full_page=True)
-    assert _status(page) == "running"
     _wait_points(page, lambda n: n > first, f"> {first}")
     assert _status(page) == "running", "the job ended before a second look: make it longer"
     assert page.locator("#loss-chart canvas").count() >= 1
@@ -300,6 +301,8 @@ def test_every_control_has_a_label_and_phone_width_does_not_scroll_sideways(brow
             .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
             .map(el => el.outerHTML)""")
         assert unlabelled == [], (frag, unlabelled)
+        name = frag.strip("#/").split("/")[0] + ("-detail" if frag.count("/") > 1 else "")
+        page.screenshot(path=str(ARTIFACTS / f"phone-{name}.png"), full_page=True)
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 1, f"{frag} is {overflow}px wider than a phone screen"
     context.close()

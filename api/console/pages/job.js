@@ -78,7 +78,7 @@ export async function render(main, [jobId], signal) {
     if (job.status !== "succeeded") {
       fill(downloads, h("p", {}, ACTIVE.has(job.status)
         ? "The adapter can be downloaded once the job has succeeded."
-        : `The job is ${job.status}; it has no adapter to download (its checkpoints are below).`));
+        : `The job is ${job.status}; it has no final adapter (its checkpoints, if any, are listed below).`));
       return;
     }
     const merged = h("span", { class: "merged-state", role: "status" });
@@ -154,7 +154,7 @@ export async function render(main, [jobId], signal) {
         return;
       }
       if (job.finished_at && job.created_at) {
-        streamState.textContent = `(finished in ${duration(job.finished_at - job.created_at)})`;
+        streamState.textContent = `(${job.status} ${duration(job.finished_at - job.created_at)} after it was created)`;
       }
     },
   }).catch((e) => { if (!signal.aborted) errorArea.append(errorBox(e, "The event stream stopped")); });
