@@ -59,7 +59,8 @@ function signInPage(message) {
 
 async function route() {
   if (leave) leave.abort();
-  leave = new AbortController();
+  const mine = new AbortController(); // this visit's; `leave` moves on when the user does
+  leave = mine;
   if (!session.key()) {
     signInPage();
     return;
@@ -75,14 +76,15 @@ async function route() {
     }
     fill(main, h("p", { class: "loading" }, "Loading…"));
     try {
-      await page.render(main, m.slice(1).map(decodeURIComponent), leave.signal);
+      await page.render(main, m.slice(1).map(decodeURIComponent), mine.signal);
     } catch (e) {
+      if (mine.signal.aborted) return; // the user left this page: its errors belong to no one
       if (e instanceof ApiError && e.status === 401) {
         session.signOut();
         signInPage("Your API key is no longer accepted; sign in again.");
         return;
       }
-      if (!leave.signal.aborted) fill(main, errorBox(e));
+      fill(main, errorBox(e));
     }
     return;
   }

@@ -285,6 +285,18 @@ def test_playground_streams_the_fine_tuned_and_the_base_model_side_by_side(page:
         assert region.locator(".stats").inner_text().startswith(f"{want['usage']['completion_tokens']} tokens in")
 
 
+def test_leaving_a_page_while_it_loads_shows_the_next_page_not_an_error(page: Any, console: Console) -> None:
+    """A page left before its requests finish is aborted; its abort must not paint over the next page."""
+    _sign_in(page, console)
+    for _ in range(5):
+        for frag in ("#/jobs", "#/files", "#/new", "#/playground", "#/models"):
+            page.evaluate(f"location.hash = '{frag}'")  # no waiting: the previous page is still loading
+    page.get_by_role("heading", name="Models").wait_for()
+    page.wait_for_timeout(1500)  # time for any late failure of the pages left behind
+    assert page.locator("main .error").count() == 0, page.locator("main").inner_text()
+    assert page.get_by_role("heading", name="Models").is_visible()
+
+
 def test_every_control_has_a_label_and_phone_width_does_not_scroll_sideways(browser: Any, console: Console) -> None:
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
