@@ -110,7 +110,7 @@ def _cmd_webhooks_create(args: argparse.Namespace) -> int:
     from service.keys import get_or_create_tenant
     from service.migrate import upgrade
     from service.settings import get_settings
-    from service.webhooks import InvalidWebhookUrl, register_endpoint
+    from service.webhooks import InvalidWebhookUrl, WebhookRefused, register_endpoint
 
     settings = get_settings()
     upgrade(settings.database_url)
@@ -119,7 +119,7 @@ def _cmd_webhooks_create(args: argparse.Namespace) -> int:
             tenant = get_or_create_tenant(session, args.tenant)
             row = register_endpoint(session, tenant.id, args.url, args.events, settings.webhook_allow_insecure)
             endpoint_id, secret = row.id, row.secret
-    except (InvalidWebhookUrl, ValueError) as e:
+    except (InvalidWebhookUrl, WebhookRefused) as e:
         print(f"qlora webhooks create: {e}", file=sys.stderr)
         return 2
     print(f"created webhook endpoint {endpoint_id} for tenant {args.tenant!r}: {args.url}")

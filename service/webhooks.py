@@ -54,6 +54,14 @@ class InvalidWebhookUrl(ValueError):
     """A URL that this service will not send events to; the message says why."""
 
 
+class WebhookRefused(ValueError):
+    """An endpoint that cannot be registered for a reason other than its URL; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
@@ -111,18 +119,18 @@ def register_endpoint(session: Session, tenant_id: str, url: str, events: list[s
 
     Raises:
         InvalidWebhookUrl: the URL is refused (see `check_url`).
-        ValueError: unknown event types, or the tenant has MAX_ENDPOINTS endpoints already.
+        WebhookRefused: unknown event types, or the tenant has MAX_ENDPOINTS endpoints already.
     """
     chosen = list(dict.fromkeys(events)) if events is not None else list(EVENT_TYPES)
     unknown = [e for e in chosen if e not in EVENT_TYPES]
     if unknown or not chosen:
-        raise ValueError(f"events must be some of {', '.join(EVENT_TYPES)}; got {unknown or chosen!r}")
+        raise WebhookRefused(f"events must be some of {', '.join(EVENT_TYPES)}; got {unknown or chosen!r}", "events")
     url = check_url(url, allow_insecure)
     count = session.scalar(select(func.count()).select_from(WebhookEndpoint).where(
         WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.deleted_at.is_(None))) or 0
     if count >= MAX_ENDPOINTS:
-        raise ValueError(f"the tenant already has {count} webhook endpoints, the limit is {MAX_ENDPOINTS}; "
-                         "delete one first")
+        raise WebhookRefused(f"the tenant already has {count} webhook endpoints, the limit is {MAX_ENDPOINTS}; "
+                             "delete one first", "url")
     row = WebhookEndpoint(id=new_id("we"), tenant_id=tenant_id, url=url, events=chosen, secret=new_secret(),
                           created_at=now())
     session.add(row)
@@ -229,22 +237,21 @@ class Dispatcher(threading.Thread):
                        WebhookEndpoint.secret, WebhookEndpoint.deleted_at)
                 .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
                 .where(WebhookDelivery.id == delivery_id)).one()
-        row = delivery
-        if row.deleted_at is not None:
+        if delivery.deleted_at is not None:
             self._finish(delivery_id, status="dropped", error="the endpoint was deleted")
             return False
-        error = self._post(row.url, row.secret, delivery)
+        error = self._post(delivery.url, delivery.secret, delivery)
         if error is None:
             self._finish(delivery_id, status="delivered", delivered_at=now())
-            log.info("webhook %s (%s of %s) delivered to %s", delivery_id, delivery.type, delivery.job_id, row.url)
+            log.info("webhook %s (%s of %s) delivered to %s", delivery_id, delivery.type, delivery.job_id, delivery.url)
             return True
         if now() - delivery.created_at >= self.max_age_s:
             self._finish(delivery_id, status="failed", error=error)
-            log.warning("webhook %s to %s given up after %d tries: %s", delivery_id, row.url, delivery.attempts, error)
+            log.warning("webhook %s to %s given up after %d tries: %s", delivery_id, delivery.url, delivery.attempts, error)
         else:
             self._finish(delivery_id, status="pending", error=error,
                          next_attempt_at=now() + retry_delay_s(delivery.attempts))
-            log.info("webhook %s to %s failed (try %d): %s", delivery_id, row.url, delivery.attempts, error)
+            log.info("webhook %s to %s failed (try %d): %s", delivery_id, delivery.url, delivery.attempts, error)
         return False
 
     def _post(self, url: str, secret: str, delivery: Any) -> str | None:

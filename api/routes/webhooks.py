@@ -16,7 +16,7 @@ from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import bad_request, not_found
 from api.schemas import ErrorResponse, WebhookCreate, WebhookDeleted, WebhookEndpointList, WebhookEndpointObject
 from service.db import WebhookDelivery, WebhookEndpoint, now
-from service.webhooks import InvalidWebhookUrl, register_endpoint
+from service.webhooks import InvalidWebhookUrl, WebhookRefused, register_endpoint
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"],
                    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
@@ -31,9 +31,8 @@ def create_webhook(req: Annotated[WebhookCreate, Body()], principal: PrincipalDe
         row = register_endpoint(session, principal.tenant_id, req.url, req.events, settings.webhook_allow_insecure)
     except InvalidWebhookUrl as e:
         raise bad_request(f"Invalid 'url': {e}.", param="url", code="invalid_url") from e
-    except ValueError as e:
-        param = "events" if str(e).startswith("events") else "url"
-        raise bad_request(f"Invalid '{param}': {e}.", param=param, code="invalid_value") from e
+    except WebhookRefused as e:
+        raise bad_request(f"Invalid '{e.param}': {e}.", param=e.param, code="invalid_value") from e
     session.commit()
     return WebhookEndpointObject.from_row(row, with_secret=True)
 

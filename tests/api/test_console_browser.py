@@ -32,6 +32,7 @@ import pytest
 
 from qlora_cli.probe import free_port, wait_until_ready
 from tests.e2e.conftest import TINY_MODEL_ID, _run, _stop, qlora_cmd
+from tests.faults.stack import training_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +49,6 @@ def _chromium() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def _dataset(n: int) -> bytes:
-    lines = [json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} plus {i + 1}?"},
-        {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."},
-    ]}) for i in range(n)]
-    return ("\n".join(lines) + "\n").encode()
 
 
 @dataclass
@@ -161,14 +154,14 @@ def test_console_is_served_with_a_csp_that_forbids_inline_script(console: Consol
 
 def test_bad_file_shows_line_numbers_and_html_file_names_show_as_text(page: Any, console: Console) -> None:
     _sign_in(page, console)
-    bad = _dataset(3) + b"{not json\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode() + b"\n"
+    bad = training_jsonl(3) + b"{not json\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode() + b"\n"
     _upload(page, "bad.jsonl", bad)
     refusal = page.locator(".upload-result").get_by_role("alert")
     refusal.wait_for()
     text = refusal.inner_text()
     assert "bad.jsonl" in text and "line 4" in text and "line 5" in text, text
 
-    _upload(page, XSS_NAME, _dataset(12))
+    _upload(page, XSS_NAME, training_jsonl(12))
     page.locator(".upload-result .ok").wait_for()
     page.goto(console.url + "/#/files")
     cell = page.get_by_role("cell", name=XSS_NAME, exact=True)
@@ -205,7 +198,7 @@ def test_a_job_from_the_form_to_the_adapter_with_a_live_chart(page: Any, console
     second job, and download the adapter of the finished one."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     _sign_in(page, console)
-    _upload(page, "sums.jsonl", _dataset(40))
+    _upload(page, "sums.jsonl", training_jsonl(40))
     page.locator(".upload-result .ok").wait_for()
     page.get_by_label("Base model").select_option(TINY_MODEL_ID)
     # Too big for the worker's 4 GiB: refused as the form changes, before anything is queued.
