@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from qlora_core.store import BUNDLED_MODEL_ID, MANIFEST, find_bundled_gguf
+from service.objectstore import Storage
+from service.storage import ArtifactMissing, UnsafePath
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +33,25 @@ def _created(value: Any, fallback: float) -> int:
     return int(fallback)
 
 
-def list_base_models(models_dir: Path) -> list[dict[str, Any]]:
-    """Every base model: those in the store plus the bundled one (registered lazily).
+def list_base_models(storage: Storage) -> list[dict[str, Any]]:
+    """Every base model: those in the store (local or S3) plus the bundled one (registered lazily).
 
     Returns:
         Dicts with `id` and `created` (Unix seconds), sorted by id.
     """
     found: dict[str, dict[str, Any]] = {}
-    root = Path(models_dir)
-    if root.is_dir():
-        for d in root.iterdir():
-            manifest = d / MANIFEST
-            if d.name.startswith(".") or not manifest.is_file():
-                continue
-            try:
-                info = json.loads(manifest.read_text())
-            except (OSError, json.JSONDecodeError) as e:  # a half-written manifest is skipped, not fatal
-                log.warning("unreadable model manifest %s: %s", manifest, e)
-                continue
-            model_id = info.get("id") or d.name.replace("--", "/")
-            found[model_id] = {"id": model_id, "created": _created(info.get("created_at"), manifest.stat().st_mtime)}
+    for name in storage.list_dirs("models"):
+        rel = f"{name}/{MANIFEST}"
+        try:
+            info = json.loads(storage.read_bytes("models", rel))
+            fallback = 0.0 if storage.remote else storage.local_path("models", rel).stat().st_mtime
+        except (ArtifactMissing, UnsafePath):  # a directory without a manifest is no model (yet)
+            continue
+        except (OSError, ValueError) as e:  # a half-written manifest is skipped, not fatal
+            log.warning("unreadable model manifest %s: %s", rel, e)
+            continue
+        model_id = info.get("id") or name.replace("--", "/")
+        found[model_id] = {"id": model_id, "created": _created(info.get("created_at"), fallback)}
     if BUNDLED_MODEL_ID not in found:
         try:
             gguf = find_bundled_gguf()
@@ -61,6 +61,6 @@ def list_base_models(models_dir: Path) -> list[dict[str, Any]]:
     return sorted(found.values(), key=lambda m: m["id"])
 
 
-def base_model(models_dir: Path, model_id: str) -> dict[str, Any] | None:
+def base_model(storage: Storage, model_id: str) -> dict[str, Any] | None:
     """The base model `model_id`, or None when the store does not offer it."""
-    return next((m for m in list_base_models(models_dir) if m["id"] == model_id), None)
+    return next((m for m in list_base_models(storage) if m["id"] == model_id), None)

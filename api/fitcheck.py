@@ -22,7 +22,6 @@ import json
 import logging
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -32,7 +31,9 @@ from api.errors import APIError
 from qlora_core.quant import estimate_training_memory
 from qlora_core.store import BUNDLED_MODEL_ID, find_bundled_gguf
 from service.db import Worker
+from service.objectstore import Storage, get_storage
 from service.settings import Settings
+from service.storage import ArtifactMissing, UnsafePath
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +66,19 @@ def _gguf_config(path: str, mtime: float) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if v is not None}
 
 
-def model_config_json(models_dir: Path, model_id: str) -> dict[str, Any] | None:
+def model_config_json(storage: Storage, model_id: str) -> dict[str, Any] | None:
     """The base model's config.json as a dict, or None when it cannot be read without torch.
 
     Args:
-        models_dir: the model store root.
+        storage: the store (service/objectstore.py) whose `models` area holds the model.
         model_id: a base model id, e.g. "HuggingFaceTB/SmolLM2-135M-Instruct".
     """
-    path = Path(models_dir) / model_id.replace("/", "--") / "config.json"
+    path = f"{model_id.replace('/', '--')}/config.json"
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+        return json.loads(storage.read_bytes("models", path))
+    except (ArtifactMissing, UnsafePath):
         pass
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         log.warning("unreadable %s: %s", path, e)
         return None
     if model_id == BUNDLED_MODEL_ID:
@@ -170,7 +171,7 @@ def check_fit(session: Session, settings: Settings, model_id: str, cfg: dict[str
     Raises:
         APIError: 400 `insufficient_device_memory` when workers have reported and none fits.
     """
-    config_json = model_config_json(settings.models_dir, model_id)
+    config_json = model_config_json(get_storage(settings), model_id)
     if config_json is None:
         return None
     workers = live_workers(session, settings)

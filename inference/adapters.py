@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import types
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,24 @@ class BaseSlot:
     def runner(self) -> Any:
         return self.peft if self.peft is not None else self.model
 
-    def ensure_adapter(self, key: str, path: str, in_use: set[str]) -> None:
-        """Load adapter `key` from `path` unless loaded; evict least recently used ones over budget."""
+    def ensure_adapter(self, key: str, path: str, in_use: set[str],
+                       resolve: Callable[[str], str] | None = None) -> None:
+        """Load adapter `key` from `path` unless loaded; evict least recently used ones over budget.
+
+        `resolve` turns the path the API sent (the adapter's place in the artifact store) into a
+        local directory, fetching it from the store when that is S3 (inference/server.py); it is
+        only called for an adapter not loaded yet.
+        """
         if key in self.adapters:
             self.adapters.move_to_end(key)
             return
-        if not (Path(path) / "adapter_config.json").is_file():
+        if resolve is not None:
+            try:
+                path = resolve(path)
+            except (FileNotFoundError, ValueError) as e:  # ArtifactMissing, UnsafePath
+                log.warning("adapter %s at %s: %s", key, path, e)
+                path = ""
+        if not path or not (Path(path) / "adapter_config.json").is_file():
             raise RequestError(404, "The model's adapter is no longer available (was the model deleted?).",
                                param="model", code="model_not_found")
         self.peft = load_adapter(self.model, self.peft, key, Path(path))

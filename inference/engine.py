@@ -89,10 +89,12 @@ class Engine:
     """Owns the models and the engine thread; `submit` is safe from any thread."""
 
     def __init__(self, resolve_base: Callable[[str], Path], device: str | None = None,
-                 max_batch: int = 16, max_adapter_bytes: int = 1 << 30, compute_dtype: str = "auto") -> None:  # fmt: skip
+                 max_batch: int = 16, max_adapter_bytes: int = 1 << 30, compute_dtype: str = "auto",
+                 resolve_adapter: Callable[[str], str] | None = None) -> None:  # fmt: skip
         """
         Args:
             resolve_base: base model id -> its store directory (raises KeyError when unknown).
+            resolve_adapter: an adapter's path as the API sends it -> a local directory (None: use it as is).
             device: torch device (default: CUDA when visible, else CPU).
             max_batch: rows (choices) decoded together at most.
             max_adapter_bytes: the LRU budget for the adapters of one base.
@@ -101,6 +103,7 @@ class Engine:
         from qlora_core.device import default_device
 
         self.resolve_base = resolve_base
+        self.resolve_adapter = resolve_adapter
         self.device = device or default_device()
         self.max_batch = max_batch
         self.max_adapter_bytes = max_adapter_bytes
@@ -247,7 +250,7 @@ class Engine:
         adapter = BASE_ADAPTER
         if request.adapter_key is not None:
             in_use = {r.adapter for b in running.values() for r in b.rows}
-            slot.ensure_adapter(request.adapter_key, request.adapter_path or "", in_use)
+            slot.ensure_adapter(request.adapter_key, request.adapter_path or "", in_use, self.resolve_adapter)
             adapter = request.adapter_key
         request.emit("accepted", sum(len(ids) for ids in encoded))
         rows = []

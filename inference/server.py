@@ -21,16 +21,22 @@ def run_inference(host: str | None = None, port: int | None = None) -> int:
     from inference.app import create_app
     from inference.engine import Engine
     from qlora_core.store import ModelStore
+    from service.objectstore import get_storage, model_remote
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
-    store = ModelStore(settings.models_dir)
+    store = ModelStore(settings.models_dir, remote=model_remote(settings))
+
+    storage = get_storage(settings)
 
     def resolve_base(model_id: str) -> Path:
         return store.model_path(model_id)
 
+    def resolve_adapter(rel: str) -> str:  # the API sends where the adapter is in the artifact store
+        return str(storage.fetch_tree("artifacts", rel))
+
     engine = Engine(resolve_base, max_batch=settings.inference_max_batch,
-                    max_adapter_bytes=settings.inference_max_adapter_bytes)  # fmt: skip
+                    max_adapter_bytes=settings.inference_max_adapter_bytes, resolve_adapter=resolve_adapter)  # fmt: skip
     engine.start()
     host = host or settings.inference_host
     port = port if port is not None else settings.inference_port

@@ -14,9 +14,10 @@ from service.lifetime import adopt_from_env
 
 def _cmd_models_import(args: argparse.Namespace) -> int:
     from qlora_core.store import ModelStore
+    from service.objectstore import model_remote
     from service.settings import get_settings
 
-    store = ModelStore(get_settings().models_dir)
+    store = ModelStore(get_settings().models_dir, remote=model_remote(get_settings()))
     info = store.import_model(args.path, args.id, overwrite=args.force)
     print(f"imported {info['id']} -> {info['path']}")
     return 0
@@ -24,9 +25,10 @@ def _cmd_models_import(args: argparse.Namespace) -> int:
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
     from qlora_core.store import ModelStore
+    from service.objectstore import model_remote
     from service.settings import get_settings
 
-    store = ModelStore(get_settings().models_dir)
+    store = ModelStore(get_settings().models_dir, remote=model_remote(get_settings()))
     for info in store.list_models():
         print(f"{info['id']}\t{info.get('n_parameters', '?')} params\t{info['path']}")
     return 0
@@ -34,9 +36,10 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 
 def _cmd_models_ensure_bundled(args: argparse.Namespace) -> int:
     from qlora_core.store import ModelStore
+    from service.objectstore import model_remote
     from service.settings import get_settings
 
-    store = ModelStore(get_settings().models_dir)
+    store = ModelStore(get_settings().models_dir, remote=model_remote(get_settings()))
     info = store.ensure_bundled()
     print(f"bundled model ready: {info['id']} -> {info['path']}")
     return 0
@@ -45,9 +48,10 @@ def _cmd_models_ensure_bundled(args: argparse.Namespace) -> int:
 def _cmd_models_inspect(args: argparse.Namespace) -> int:
     from qlora_core.inspect import format_report, inspect_model
     from qlora_core.store import ModelStore
+    from service.objectstore import model_remote
     from service.settings import get_settings
 
-    store = ModelStore(get_settings().models_dir)
+    store = ModelStore(get_settings().models_dir, remote=model_remote(get_settings()))
     report = inspect_model(
         store.model_path(args.id),
         double_quant=not args.no_double_quant,

@@ -12,6 +12,12 @@ model. Imports therefore hold an exclusive `fcntl` lock on `<root>/.lock`, build
 hidden temporary directory inside the store, and `os.rename` it into place as the last step, so
 a reader sees either no model or a complete one. Listing is torch-free and lock-free; only
 imports load transformers (lazily, inside the functions).
+
+With a remote store (the service's S3 storage, passed in as `remote`), the directory is this
+host's cache of it: a model is there when the store holds it, `model_path` fetches it (checksummed)
+before returning the local directory, and an import is published to the store once complete. The
+remote is duck-typed (`tree_exists`, `fetch_tree`, `publish_tree`, `list_dirs`, `read_bytes` over
+the area "models"), so this package imports nothing of the service.
 """
 
 from __future__ import annotations
@@ -108,8 +114,9 @@ def _load_for_import(src: Path) -> tuple[Any, Any, str]:
 class ModelStore:
     """Base models on disk, one directory per id (see the module docstring)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, remote: Any = None) -> None:
         self.root = Path(root).expanduser()
+        self.remote = remote
 
     # -- reading (torch-free, lock-free) ---------------------------------------------------------
 
@@ -119,9 +126,14 @@ class ModelStore:
     def has_model(self, model_id: str) -> bool:
         """True when a complete model with this id is in the store (never imports anything)."""
         try:
+            if self.remote is not None:
+                return bool(self.remote.tree_exists("models", _dir_name(model_id)))
             return (self._dir(model_id) / MANIFEST).is_file()
         except ValueError:
             return False
+
+    def _has_local(self, model_id: str) -> bool:
+        return (self._dir(model_id) / MANIFEST).is_file()
 
     def model_path(self, model_id: str) -> Path:
         """Directory of a model, registering the bundled model first if that is the one asked for.
@@ -133,6 +145,8 @@ class ModelStore:
             self.ensure_bundled()
         if not self.has_model(model_id):
             raise KeyError(f"unknown model {model_id!r}")
+        if self.remote is not None:
+            return Path(self.remote.fetch_tree("models", _dir_name(model_id)))
         return self._dir(model_id)
 
     def model_info(self, model_id: str) -> dict:
@@ -158,7 +172,15 @@ class ModelStore:
             except FileNotFoundError as e:  # a store without the wheel still lists its own models
                 logger.warning("bundled model unavailable: %s", e)
         models = []
-        if self.root.is_dir():
+        if self.remote is not None:
+            for name in self.remote.list_dirs("models"):
+                try:
+                    info = json.loads(self.remote.read_bytes("models", f"{name}/{MANIFEST}"))
+                except (OSError, ValueError):  # not a model (yet): no manifest, or one half-written
+                    continue
+                info["path"] = str(self.root / name)
+                models.append(info)
+        elif self.root.is_dir():
             for d in sorted(self.root.iterdir()):
                 manifest = d / MANIFEST
                 if d.name.startswith(".") or not manifest.is_file():
@@ -207,12 +229,20 @@ class ModelStore:
         src = Path(src).expanduser().resolve()
         if not src.exists():
             raise FileNotFoundError(f"no such file or directory: {str(src)!r}")
+        if self.remote is not None and self.has_model(model_id) and not overwrite:
+            raise ValueError(f"model {model_id!r} already exists; pass overwrite=True (--force) to replace it")
         with self._locked():
-            return self._import_locked(src, model_id, overwrite=overwrite, source=_source)
+            info = self._import_locked(src, model_id, overwrite=overwrite or self.remote is not None, source=_source)
+        self._publish(model_id)
+        return info
+
+    def _publish(self, model_id: str) -> None:
+        if self.remote is not None:
+            self.remote.publish_tree("models", _dir_name(model_id))
 
     def _import_locked(self, src: Path, model_id: str, overwrite: bool, source: str | None) -> dict:
         final = self._dir(model_id)
-        if self.has_model(model_id) and not overwrite:
+        if self._has_local(model_id) and not overwrite:
             raise ValueError(f"model {model_id!r} already exists; pass overwrite=True (--force) to replace it")
         self._remove_stale_tmp()
         started = time.monotonic()
@@ -258,7 +288,10 @@ class ModelStore:
             gguf = find_bundled_gguf()
             with self._locked():
                 # Re-check under the lock: another process may have imported it while we waited.
-                if not self.has_model(BUNDLED_MODEL_ID):
+                if not self._has_local(BUNDLED_MODEL_ID):
                     logger.info("importing the bundled model %s from %s", BUNDLED_MODEL_ID, gguf)
                     self._import_locked(gguf, BUNDLED_MODEL_ID, overwrite=False, source=f"{BUNDLED_PACKAGE}:{gguf.name}")
+            # Two hosts may both publish it: each upload is complete, and the last manifest names its files.
+            if self.remote is not None and not self.has_model(BUNDLED_MODEL_ID):
+                self._publish(BUNDLED_MODEL_ID)
         return self.model_info(BUNDLED_MODEL_ID)

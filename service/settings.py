@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     files_dir: Path | None = None  # default: data_dir/files
     models_dir: Path | None = None  # default: data_dir/models
     max_upload_bytes: int = 512 * 1024 * 1024
+    # Where datasets, base models and artifacts live (service/objectstore.py): a path or file:// URL
+    # (default: the data dir), or s3://BUCKET/PREFIX, with which the three dirs above become this
+    # host's cache (default data_dir/cache/...) and API and workers share nothing on disk.
+    storage_url: str = ""
+    s3_endpoint_url: str = ""  # a non-AWS S3 endpoint (MinIO, moto's server); credentials: AWS_* variables
+    cache_max_bytes: int = 50 * 1024**3  # with s3://, the cached base models and datasets kept at most (LRU)
 
     # API
     host: str = "127.0.0.1"
@@ -71,11 +77,21 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'qlora.db'}"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
-        self.artifacts_dir = Path(self.artifacts_dir or self.data_dir / "artifacts").expanduser()
-        self.files_dir = Path(self.files_dir or self.data_dir / "files").expanduser()
-        self.models_dir = Path(self.models_dir or self.data_dir / "models").expanduser()
+        self.storage_url = self.storage_url.strip()
+        root = self.data_dir / "cache" if self.storage_is_s3 else self.data_dir
+        if self.storage_url and not self.storage_is_s3:
+            root = Path(self.storage_url.removeprefix("file://")).expanduser()
+        self.artifacts_dir = Path(self.artifacts_dir or root / "artifacts").expanduser()
+        self.files_dir = Path(self.files_dir or root / "files").expanduser()
+        self.models_dir = Path(self.models_dir or root / "models").expanduser()
+        self.s3_endpoint_url = self.s3_endpoint_url.strip().rstrip("/")
         self.inference_url = self.inference_url.strip().rstrip("/")
         return self
+
+    @property
+    def storage_is_s3(self) -> bool:
+        """True when QLORA_STORAGE_URL names an S3 bucket (the local dirs are then only a cache)."""
+        return self.storage_url.startswith("s3://")
 
     @property
     def embedded(self) -> bool:

@@ -29,7 +29,8 @@ from service.database import get_worker_engine
 from service.db import Job
 from service.queue import TASK_EXPORT_MERGED
 from service.settings import Settings, get_settings
-from service.storage import build_model_archive, merged_archive_rel, resolve_under
+from service.objectstore import get_storage
+from service.storage import ArtifactMissing, UnsafePath, build_model_archive, merged_archive_rel
 from worker.app import app
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,9 @@ def export_merged_here(engine: Engine, settings: Settings, job_id: str) -> str:
         log.info("merged export of %s: no succeeded job with an adapter; nothing to do", job_id)
         return "skipped"
     request = dict(job.merged_export or {})
-    artifacts = Path(settings.artifacts_dir)
-    archive = resolve_under(artifacts, merged_archive_rel(job_id))
-    if archive.is_file():
+    storage = get_storage(settings)
+    archive = storage.local_path("artifacts", merged_archive_rel(job_id))
+    if storage.exists("artifacts", merged_archive_rel(job_id)):
         _record(engine, job_id, request, status="succeeded", error=None)
         return "exists"
     # See Note: late acks and lost workers in service/queue.py: a child killed while it builds (the
@@ -87,7 +88,12 @@ def export_merged_here(engine: Engine, settings: Settings, job_id: str) -> str:
     request["build_starts"] = starts
     started = time.monotonic()
     try:
-        build_merged_archive(settings, job.model, resolve_under(artifacts, job.adapter_path), archive)
+        try:
+            adapter_dir = storage.fetch_tree("artifacts", job.adapter_path)
+        except (ArtifactMissing, UnsafePath):
+            raise MergeFailed("artifact_missing", "The adapter files of this job are no longer on this server.") from None
+        build_merged_archive(settings, job.model, adapter_dir, archive)
+        storage.publish_file("artifacts", merged_archive_rel(job_id))
     except MergeFailed as e:
         log.warning("merged export of %s failed: %s: %s", job_id, e.code, e.message)
         _record(engine, job_id, request, status="failed", error={"code": e.code, "message": e.message})
@@ -99,9 +105,11 @@ def export_merged_here(engine: Engine, settings: Settings, job_id: str) -> str:
         _record(engine, job_id, request, status="failed", error={"code": "internal_error", "message": message})
         return "failed"
     if not (_load(engine, job_id).adapter_path):  # deleted while we built: nothing may outlive the model
-        archive.unlink(missing_ok=True)
+        storage.delete("artifacts", merged_archive_rel(job_id))
         return "skipped"
-    _record(engine, job_id, request, status="succeeded", error=None, bytes=archive.stat().st_size)
+    n_bytes = archive.stat().st_size
+    storage.drop_local("artifacts", merged_archive_rel(job_id))  # with S3: the store keeps it, not this host
+    _record(engine, job_id, request, status="succeeded", error=None, bytes=n_bytes)
     log.info("merged export of %s: %s (%.1f s)", job_id, archive, time.monotonic() - started)
     return "built"
 
@@ -116,9 +124,10 @@ def build_merged_archive(settings: Settings, base_model: str, adapter_dir: Path,
     """
     from qlora_core.export import merge_adapter_16bit
     from qlora_core.store import ModelStore
+    from service.objectstore import model_remote
 
     try:
-        model_dir = ModelStore(settings.models_dir).model_path(base_model)
+        model_dir = ModelStore(settings.models_dir, remote=model_remote(settings)).model_path(base_model)
     except KeyError:
         raise MergeFailed("model_not_found", f"The base model {base_model} is no longer in the model store "
                           "of this server (`qlora models list`).") from None

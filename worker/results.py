@@ -18,7 +18,6 @@ import csv
 import io
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -77,16 +76,16 @@ def job_metrics(engine: Engine, job_id: str) -> list[dict[str, Any]]:
         return [dict(r.data) for r in rows if r.data and r.data.get("step") is not None]
 
 
-def write_results_file(engine: Engine, files_dir: Path, job_id: str, tenant_id: str) -> dict[str, Any]:
+def write_results_file(engine: Engine, storage: Any, job_id: str, tenant_id: str) -> dict[str, Any]:
     """Store the job's results CSV where uploads are stored; return the `files` row to insert.
 
     Nothing is recorded in the database here: the caller inserts the row in the transaction that
-    publishes the job, and calls `service.storage.delete_file` on `storage_path` if that
-    transaction does not commit.
+    publishes the job, and calls `storage.delete("files", storage_path)` if that transaction does
+    not commit.
 
     Args:
         engine: the service database (the job's metrics events are read from it).
-        files_dir: the file store root (settings.files_dir).
+        storage: the service's store (service.objectstore.get_storage); the CSV is published to it.
         job_id: the job.
         tenant_id: the job's tenant, who owns the file.
 
@@ -95,7 +94,8 @@ def write_results_file(engine: Engine, files_dir: Path, job_id: str, tenant_id: 
     """
     data = results_csv(job_metrics(engine, job_id))
     file_id = new_id("file")
-    stored = write_file(Path(files_dir), tenant_id, file_id, data, suffix=".csv")
+    stored = write_file(storage.dirs["files"], tenant_id, file_id, data, suffix=".csv")
+    storage.publish_file("files", stored.rel_path)
     log.info("job %s: results file %s (%d bytes)", job_id, file_id, stored.bytes)
     return {
         "id": file_id,

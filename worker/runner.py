@@ -125,6 +125,7 @@ class DbCallback(TrainingCallback):
         artifacts_dir: root that checkpoint paths are stored relative to.
         lease: the LeaseKeeper of this run (its `lost` flag stops training).
         deadline: Unix time after which `should_stop` stops the run (job time limit).
+        storage: the store each checkpoint is published to before its row is written (None: local only).
     """
 
     def __init__(
@@ -136,8 +137,10 @@ class DbCallback(TrainingCallback):
         artifacts_dir: Path,
         lease: LeaseKeeper | None,
         deadline: float,
+        storage: Any = None,
     ) -> None:
         self.engine, self.job_id = engine, job_id
+        self.storage = storage  # service.objectstore.Storage: where checkpoints are published
         self.fine_tuned_model, self.tenant_id = fine_tuned_model, tenant_id
         self.artifacts_dir = Path(artifacts_dir)
         self.lease, self.deadline = lease, deadline
@@ -207,6 +210,9 @@ class DbCallback(TrainingCallback):
             "state_path": (rel + "/state.pt") if state.exists() else None,
             "created_at": now(),
         }
+        if self.storage is not None and path.resolve().is_relative_to(root):
+            # A row names only what the store holds: a job taken over on another host resumes from it.
+            self.storage.publish_tree("artifacts", rel)
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(_checkpoints).values(**row))

@@ -17,7 +17,8 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from service.db import File, Job, JobEvent, Model, Tenant
+from service.db import Checkpoint, File, Job, JobEvent, Model, Tenant
+from service.objectstore import get_storage
 from service.settings import Settings
 from worker.errors import JobFailed
 from worker.events import event_values
@@ -54,13 +55,14 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     """
     from qlora_core.config import TrainConfig
     from qlora_core.store import ModelStore
+    from service.objectstore import model_remote
     from qlora_core.train import OutOfMemory, train
     from qlora_core.validate import DatasetError
     from worker.runner import DbCallback, LeaseLost
     from worker.validation import file_path
 
     try:
-        model_dir = ModelStore(settings.models_dir).model_path(job.model)
+        model_dir = ModelStore(settings.models_dir, remote=model_remote(settings)).model_path(job.model)
     except KeyError:
         raise JobFailed("model_not_found", f"Model {job.model} is not in the model store", "model") from None
     train_file = file_path(engine, settings, job.training_file, job.tenant_id, "training_file")
@@ -72,7 +74,10 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     ft_name = fine_tuned_model_name(job.model, tenant_name or job.tenant_id, job.suffix, job.id)
     out_dir = job_output_dir(settings, job.id)
     out_dir.mkdir(parents=True, exist_ok=True)
-    callback = DbCallback(engine, job.id, ft_name, job.tenant_id, Path(settings.artifacts_dir), lease, deadline)
+    storage = get_storage(settings)
+    restore_last_checkpoint(engine, storage, job.id, out_dir)
+    callback = DbCallback(engine, job.id, ft_name, job.tenant_id, Path(settings.artifacts_dir), lease, deadline,
+                          storage=storage if storage.remote else None)
     config = TrainConfig.from_dict(job.config)
     cuda_oom = _cuda_oom()
     try:
@@ -102,13 +107,15 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
         return callback.stop_reason or "cancelled"
     if result.adapter_dir is None:
         raise RuntimeError("training completed without a final adapter")
-    from service.storage import build_adapter_archive, delete_file
+    from service.storage import build_adapter_archive, job_archive_rel
     from worker.results import write_results_file
 
     # Built once here so the download endpoint streams a finished file (service.storage packs
     # only the PEFT files, at the archive root). The job and model rows point at the directory.
     build_adapter_archive(Path(result.adapter_dir), out_dir / "adapter.tar.gz")
-    rel = Path(result.adapter_dir).resolve().relative_to(Path(settings.artifacts_dir).resolve()).as_posix()
+    rel = storage.rel_of("artifacts", Path(result.adapter_dir))
+    storage.publish_tree("artifacts", rel)  # in the store before any row names it
+    storage.publish_file("artifacts", job_archive_rel(job.id))
     finished = int(time.time())
     progress = {"steps_completed": result.steps, "total_steps": result.total_steps, "seconds_remaining": 0}
     # Note: one results file. The CSV's bytes are stored first, under a fresh id; its `files` row
@@ -117,14 +124,46 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     # once). Whatever does not commit (a lost lease, an error, an exception unwinding a dying
     # process) removes its bytes; a process killed outright between the two leaves only an
     # unreferenced file, never a second row, and the job's next holder writes its own.
-    results = write_results_file(engine, Path(settings.files_dir), job.id, job.tenant_id)
+    results = write_results_file(engine, storage, job.id, job.tenant_id)
     published = False
     try:
         published = _publish(engine, job, owner, ft_name, result, rel, finished, progress, results)
     finally:
         if not published:
-            delete_file(Path(settings.files_dir), results["storage_path"])
+            storage.delete("files", results["storage_path"])
+    if published and storage.remote:  # everything is in the store now; this host keeps no copy
+        storage.drop_local("artifacts", f"jobs/{job.id}")
+        storage.drop_local("files", results["storage_path"])
     return "succeeded" if published else "lease_lost"
+
+
+def restore_last_checkpoint(engine: Engine, storage: Any, job_id: str, out_dir: Path) -> Path | None:
+    """Fetch the job's last recorded checkpoint into `out_dir` unless this host has it or a later one.
+
+    A job taken over on another host (its first worker's host gone) finds here what that worker
+    published, and `train(resume=True)` goes on from it. Locally this only finds what is on disk.
+
+    Returns:
+        The checkpoint directory fetched, or None when there was nothing to fetch.
+    """
+    from qlora_core.checkpoint import latest_checkpoint, list_checkpoints
+
+    if not storage.remote:
+        return None
+    with engine.connect() as conn:
+        row = conn.execute(select(Checkpoint.__table__.c.step_number, Checkpoint.__table__.c.adapter_path)
+                           .where(Checkpoint.__table__.c.job_id == job_id)
+                           .order_by(Checkpoint.__table__.c.step_number.desc()).limit(1)).first()
+    if row is None:
+        return None
+    have = {step for step, _ in list_checkpoints(out_dir)}
+    if have and max(have) >= row.step_number:
+        return None
+    path = storage.fetch_tree("artifacts", row.adapter_path, cache=False)
+    if latest_checkpoint(out_dir) != path:
+        raise RuntimeError(f"checkpoint {row.adapter_path} was fetched to {path}, outside {out_dir}")
+    log.info("job %s: fetched its checkpoint at step %d from the store", job_id, row.step_number)
+    return path
 
 
 def _publish(engine: Engine, job: Any, owner: str, ft_name: str, result: Any, rel: str, finished: int,

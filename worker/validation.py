@@ -16,7 +16,9 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from service.db import File
+from service.objectstore import get_storage
 from service.settings import Settings
+from service.storage import ArtifactMissing, UnsafePath
 from worker.errors import JobFailed
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ def file_path(engine: Engine, settings: Settings, file_id: str, tenant_id: str, 
 
     with engine.connect() as conn:
         row = conn.execute(
-            select(_files.c.storage_path, _files.c.deleted_at, _files.c.purpose).where(
+            select(_files.c.storage_path, _files.c.deleted_at, _files.c.purpose, _files.c.sha256).where(
                 _files.c.id == file_id, _files.c.tenant_id == tenant_id
             )
         ).one_or_none()
@@ -43,10 +45,10 @@ def file_path(engine: Engine, settings: Settings, file_id: str, tenant_id: str, 
         raise JobFailed("invalid_training_file", f"File {file_id} was not found (it may have been deleted)", param)
     if row.purpose != "fine-tune":  # the API refuses these too; a results CSV is no dataset
         raise JobFailed("invalid_training_file", f"File {file_id} has purpose {row.purpose!r}, not 'fine-tune'", param)
-    path = Path(settings.files_dir) / row.storage_path
-    if not path.is_file():
-        raise JobFailed("invalid_training_file", f"File {file_id} is missing from the file store", param)
-    return path
+    try:  # with S3, a checksummed copy in this host's cache (service/objectstore.py)
+        return get_storage(settings).fetch_file("files", row.storage_path, sha256=row.sha256)
+    except (ArtifactMissing, UnsafePath):
+        raise JobFailed("invalid_training_file", f"File {file_id} is missing from the file store", param) from None
 
 
 def validate_job_files(engine: Engine, settings: Settings, job: Any, emit: Callable[..., Any]) -> None:
@@ -86,9 +88,10 @@ def validate_job_files(engine: Engine, settings: Settings, job: Any, emit: Calla
     from qlora_core.data import tokenize_file
     from qlora_core.models import load_tokenizer
     from qlora_core.store import ModelStore
+    from service.objectstore import model_remote
 
     try:
-        model_dir = ModelStore(settings.models_dir).model_path(job.model)
+        model_dir = ModelStore(settings.models_dir, remote=model_remote(settings)).model_path(job.model)
     except KeyError:
         raise JobFailed("model_not_found", f"Model {job.model} is not in the model store", "model") from None
     tokenizer = load_tokenizer(model_dir)

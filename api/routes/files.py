@@ -24,10 +24,12 @@ from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
 from api.routes.pagination import paginate
 from api.schemas import ErrorResponse, FileDeleted, FileList, FileObject
+from api.downloads import stored_file_response
 from api.upload import receive_upload
 from qlora_core.validate import validate_jsonl
 from service.db import ACTIVE_STATUSES, RESULTS_PURPOSE, File, Job, new_id, now
-from service.storage import ArtifactMissing, FileSink, delete_file, file_path
+from service.objectstore import get_storage
+from service.storage import ArtifactMissing, FileSink, UnsafePath
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/files", tags=["files"], responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
@@ -65,6 +67,9 @@ def get_file(session: SessionDep, tenant_id: str, file_id: str, param: str | Non
 async def create_file(request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> FileObject:
     """Upload a JSONL dataset (`purpose=fine-tune`)."""
     file_id = new_id("file")
+    storage = get_storage(settings)
+    # The upload is spooled to a temp file while counted and hashed, validated there, then
+    # published (service/objectstore.py: with S3 a multipart upload from that file, never in memory).
     sink = FileSink(settings.files_dir, principal.tenant_id, file_id, settings.max_upload_bytes)
     upload = await receive_upload(request, sink)
     stored = upload.stored
@@ -85,12 +90,14 @@ async def create_file(request: Request, principal: PrincipalDep, session: Sessio
                    status="processed", n_examples=report.n_examples, data_format=fmt)
 
         def _insert() -> None:
+            storage.publish_file("files", stored.rel_path)  # in the store before its row names it
             session.add(row)
             session.commit()
+            storage.drop_local("files", stored.rel_path)  # with S3: the API keeps no copy
 
         await run_in_threadpool(_insert)
     except BaseException:
-        stored.path.unlink(missing_ok=True)
+        await run_in_threadpool(storage.delete, "files", stored.rel_path)
         raise
     log.info("stored %s (%d bytes, %d examples) for %s", file_id, stored.bytes, report.n_examples, principal.tenant_id)
     return FileObject.from_row(row)
@@ -126,13 +133,16 @@ def retrieve_file(file_id: str, principal: PrincipalDep, session: SessionDep) ->
 def retrieve_file_content(file_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> FileResponse:
     """The file's bytes: an upload exactly as uploaded, a job's results file as plain CSV."""
     f = get_file(session, principal.tenant_id, file_id)
-    try:
-        path = file_path(settings.files_dir, f.storage_path)
-    except ArtifactMissing:
-        raise APIError(410, f"The content of {file_id} is no longer on disk.", code="file_content_missing") from None
+    session.close()  # a long download must not hold a pooled connection
     if f.purpose == RESULTS_PURPOSE:  # OpenAI's is base64-encoded CSV; ours is the CSV itself (README)
-        return FileResponse(path, media_type="text/csv; charset=utf-8", filename=f"{f.id}.csv")
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{f.id}.jsonl")
+        media_type, filename = "text/csv; charset=utf-8", f"{f.id}.csv"
+    else:
+        media_type, filename = "application/octet-stream", f"{f.id}.jsonl"
+    try:
+        return stored_file_response(get_storage(settings), "files", f.storage_path, media_type, filename)
+    except (ArtifactMissing, UnsafePath):
+        raise APIError(410, f"The content of {file_id} is no longer in the file store.",
+                       code="file_content_missing") from None
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
@@ -147,5 +157,5 @@ def delete(file_id: str, principal: PrincipalDep, session: SessionDep, settings:
                           param="file_id", code="file_in_use")
     f.deleted_at = now()
     session.commit()
-    delete_file(settings.files_dir, f.storage_path)
+    get_storage(settings).delete("files", f.storage_path)
     return FileDeleted(id=f.id)

@@ -18,7 +18,6 @@ Anything else, another tenant's model named exactly included, is OpenAI's 404 `m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -35,8 +34,9 @@ from api.routes.models import find_base_model, fine_tuned_models
 from api.schemas import ErrorResponse
 from api.upstream import generate
 from service.db import Checkpoint, Job
+from service.objectstore import get_storage
 from service.settings import Settings
-from service.storage import ArtifactMissing, UnsafePath, check_adapter_dir, resolve_under
+from service.storage import ADAPTER_FILES, UnsafePath
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 410, 429, 502, 503, 504)}
 _ANSWER = {"description": "OpenAI's object as JSON, or with `stream: true` its chunks as Server-Sent Events "
@@ -58,15 +58,21 @@ def model_not_found(name: str) -> APIError:
                     code="model_not_found")
 
 
-def _adapter(artifacts_dir: Path, key: str, rel: str, name: str) -> dict[str, str]:
-    """The adapter `rel` (relative to artifacts_dir, as the database stores it) as the upstream gets it."""
+def _adapter(settings: Settings, key: str, rel: str, name: str) -> dict[str, str]:
+    """The adapter `rel` (its place in the artifact store, as the database records it) as the upstream gets it.
+
+    The inference server fetches it from the store itself (service/objectstore.py), so the API
+    only checks that the store still holds it.
+    """
     try:
-        path = resolve_under(artifacts_dir, rel)
-        check_adapter_dir(path)
-    except (UnsafePath, ArtifactMissing):
+        storage = get_storage(settings)
+        found = all(storage.exists("artifacts", f"{rel}/{name}") for name in ADAPTER_FILES)
+    except UnsafePath:
+        found = False
+    if not found:
         raise APIError(410, f"The adapter files of model `{name}` are no longer available on this server.",
-                       param="model", code="artifact_missing") from None
-    return {"key": key, "path": str(path)}
+                       param="model", code="artifact_missing")
+    return {"key": key, "path": rel}
 
 
 def resolve_model(session: Session, settings: Settings, tenant_id: str, name: str) -> Target:
@@ -81,7 +87,7 @@ def resolve_model(session: Session, settings: Settings, tenant_id: str, name: st
             _, job = row
             if not job.adapter_path:  # deleted (service/db.py, Job.adapter_path)
                 raise model_not_found(name)
-            return Target(job.model, _adapter(settings.artifacts_dir, job.id, job.adapter_path, name))
+            return Target(job.model, _adapter(settings, job.id, job.adapter_path, name))
         # Checkpoint names are not unique in the schema (only per job and step): the newest wins.
         ckpt = session.execute(
             select(Checkpoint, Job).join(Job, Job.id == Checkpoint.job_id)
@@ -90,7 +96,7 @@ def resolve_model(session: Session, settings: Settings, tenant_id: str, name: st
             .order_by(Checkpoint.seq.desc())).tuples().first()
         if ckpt is not None:
             c, job = ckpt
-            return Target(job.model, _adapter(settings.artifacts_dir, c.id, c.adapter_path, name))
+            return Target(job.model, _adapter(settings, c.id, c.adapter_path, name))
         if find_base_model(session, settings, name) is not None:
             return Target(name, None)
         raise model_not_found(name)

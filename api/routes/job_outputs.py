@@ -19,12 +19,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import func, select, update
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.downloads import stored_file_response
 from api.errors import APIError, bad_request, not_found
 from api.routes.jobs import get_job
 from api.routes.pagination import paginate
@@ -33,8 +34,9 @@ from api.schemas import (CheckpointList, CheckpointObject, ErrorResponse, JobEve
 from service import queue
 from service.database import session_scope
 from service.db import FINISHED_STATUSES, Checkpoint, Job, JobEvent, now
-from service.storage import (ArtifactMissing, UnsafePath, adapter_archive, job_archive_rel, merged_archive_rel,
-                             resolve_under)
+from service.objectstore import ensure_adapter_archive, get_storage
+from service.settings import Settings
+from service.storage import ArtifactMissing, UnsafePath, job_archive_rel, merged_archive_rel
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
@@ -141,14 +143,14 @@ def list_checkpoints(
                           last_id=data[-1].id if data else None)
 
 
-def _send_archive(settings_artifacts, adapter_rel: str, cache_rel: str, download_name: str, what: str) -> FileResponse:
+def _send_archive(settings: Settings, adapter_rel: str, archive_rel: str, download_name: str, what: str) -> Response:
+    storage = get_storage(settings)
     try:
-        prebuilt = resolve_under(settings_artifacts, cache_rel)
-        path = prebuilt if prebuilt.is_file() else adapter_archive(settings_artifacts, adapter_rel, cache_rel)
+        ensure_adapter_archive(storage, adapter_rel, archive_rel)
+        return stored_file_response(storage, "artifacts", archive_rel, "application/gzip", download_name)
     except (ArtifactMissing, UnsafePath):
         raise APIError(410, f"The adapter files of {what} are no longer available on this server.",
                        code="artifact_missing") from None
-    return FileResponse(path, media_type="application/gzip", filename=download_name)
 
 
 def _check_succeeded(job: Job, job_id: str, what: str, code: str) -> None:
@@ -163,28 +165,30 @@ def _check_succeeded(job: Job, job_id: str, what: str, code: str) -> None:
 
 
 @router.get("/{job_id}/adapter", response_class=FileResponse, responses={**_TARGZ, 410: {"model": ErrorResponse}})
-def download_adapter(job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> FileResponse:
+def download_adapter(job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> Response:
     """The final LoRA adapter of a succeeded job (`peft.PeftModel.from_pretrained` loads it).
 
     410 `model_deleted` once the job's fine-tuned model was deleted.
     """
     job = get_job(session, principal.tenant_id, job_id)
     _check_succeeded(job, job_id, "adapter", code="adapter_not_ready")
-    return _send_archive(settings.artifacts_dir, job.adapter_path, job_archive_rel(job.id),
+    session.close()  # a long download must not hold a pooled connection
+    return _send_archive(settings, job.adapter_path, job_archive_rel(job.id),
                          f"{job.id}-adapter.tar.gz", f"job {job_id}")
 
 
 @router.get("/{job_id}/checkpoints/{checkpoint_id}/adapter", response_class=FileResponse,
             responses={**_TARGZ, 410: {"model": ErrorResponse}})
 def download_checkpoint_adapter(job_id: str, checkpoint_id: str, principal: PrincipalDep, session: SessionDep,
-                                settings: SettingsDep) -> FileResponse:
+                                settings: SettingsDep) -> Response:
     """The LoRA adapter saved at one checkpoint of a job (any status)."""
     job = get_job(session, principal.tenant_id, job_id)
     ckpt = session.scalar(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id,
                                                    Checkpoint.tenant_id == principal.tenant_id))
     if ckpt is None:
         raise not_found("checkpoint", checkpoint_id)
-    return _send_archive(settings.artifacts_dir, ckpt.adapter_path, f"downloads/{job.id}/{ckpt.id}.tar.gz",
+    session.close()
+    return _send_archive(settings, ckpt.adapter_path, f"downloads/{job.id}/{ckpt.id}.tar.gz",
                          f"{job.id}-step-{ckpt.step_number}-adapter.tar.gz", f"checkpoint {checkpoint_id}")
 
 
@@ -246,7 +250,7 @@ def _request_build(session: SessionDep, job_id: str, state: dict, t: int) -> dic
 
 @router.get("/{job_id}/merged", response_class=FileResponse, response_model=None, responses=_MERGED)
 def download_merged(job_id: str, principal: PrincipalDep, session: SessionDep,
-                    settings: SettingsDep) -> FileResponse | JSONResponse:
+                    settings: SettingsDep) -> Response:
     """The job's adapter merged into its base in 16 bits: a `.tar.gz` of a Hugging Face model directory.
 
     The extracted directory loads with `AutoModelForCausalLM.from_pretrained`, no PEFT needed. The
@@ -256,11 +260,14 @@ def download_merged(job_id: str, principal: PrincipalDep, session: SessionDep,
     """
     job = get_job(session, principal.tenant_id, job_id)
     _check_succeeded(job, job_id, "merged model", code="job_not_succeeded")
-    archive = resolve_under(settings.artifacts_dir, merged_archive_rel(job.id))
-    if archive.is_file():
-        return FileResponse(archive, media_type="application/gzip", filename=f"{job.id}-merged.tar.gz")
+    storage = get_storage(settings)
     try:
-        adapter_found = (resolve_under(settings.artifacts_dir, job.adapter_path) / "adapter_config.json").is_file()
+        return stored_file_response(storage, "artifacts", merged_archive_rel(job.id), "application/gzip",
+                                    f"{job.id}-merged.tar.gz")
+    except (ArtifactMissing, UnsafePath):
+        pass  # not built yet
+    try:
+        adapter_found = storage.exists("artifacts", f"{job.adapter_path}/adapter_config.json")
     except UnsafePath:
         adapter_found = False
     if not adapter_found:  # nothing to build from: say so now rather than after a doomed build

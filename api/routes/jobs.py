@@ -27,6 +27,7 @@ from api.schemas import (ErrorResponse, EstimateWorker, JobCreate, JobEstimate, 
                          resolved_hyperparameters)
 from service import queue
 from service.db import ACTIVE_STATUSES, FINISHED_STATUSES, File, Job, JobEvent, new_id, now
+from service.objectstore import get_storage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
@@ -71,7 +72,7 @@ class _Checked:
 
 def _check_request(req: JobCreate, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> _Checked:
     """Everything `create_job` validates before it records anything (shared with `estimate_job`)."""
-    if base_model(settings.models_dir, req.model) is None:
+    if base_model(get_storage(settings), req.model) is None:
         raise APIError(400, f"Model {req.model!r} does not exist or is not available for fine-tuning. "
                        "GET /v1/models lists the base models.", param="model", code="model_not_found")
     train = _check_file(session, principal.tenant_id, req.training_file, "training_file")

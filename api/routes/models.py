@@ -24,6 +24,7 @@ from api.errors import APIError, not_found
 from api.schemas import ErrorResponse, ModelDeleted, ModelList, ModelObject
 from api.upstream import evict
 from service.db import Job, Model
+from service.objectstore import get_storage
 from service.storage import delete_adapter, job_archive_rel, merged_archive_rel
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def _db_models(session: SessionDep, tenant_id: str) -> list[ModelObject]:
 
 def find_base_model(session: SessionDep, settings: SettingsDep, model_id: str) -> ModelObject | None:
     """The base model `model_id` (the store's, or a shared row), or None."""
-    found = base_model(settings.models_dir, model_id)
+    found = base_model(get_storage(settings), model_id)
     if found is not None:
         return ModelObject(id=found["id"], created=found["created"], owned_by="system")
     row = session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id.is_(None)))
@@ -64,7 +65,7 @@ def find_base_model(session: SessionDep, settings: SettingsDep, model_id: str) -
 @router.get("", response_model=ModelList)
 async def list_models(principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> ModelList:
     """Base models first (by id), then this tenant's fine-tuned models (oldest first)."""
-    base = await run_in_threadpool(list_base_models, settings.models_dir)
+    base = await run_in_threadpool(list_base_models, get_storage(settings))
     models = {m["id"]: ModelObject(id=m["id"], created=m["created"], owned_by="system") for m in base}
     for m in await run_in_threadpool(_db_models, session, principal.tenant_id):
         models.setdefault(m.id, m)
@@ -114,6 +115,12 @@ def delete_model(model_id: str, principal: PrincipalDep, session: SessionDep, se
     # is the same weights (a build still running removes its archive when it sees this).
     session.execute(update(Job).where(Job.id == job_id).values(adapter_path=None, merged_export=null()))
     delete_adapter(settings.artifacts_dir, paths, job_archive_rel(job_id), derived_rels=[merged_archive_rel(job_id)])
+    storage = get_storage(settings)
+    if storage.remote:  # the store's copies too, archives first (as delete_adapter does on disk)
+        for rel in (job_archive_rel(job_id), merged_archive_rel(job_id)):
+            storage.delete("artifacts", rel)
+        for rel in sorted(paths):
+            storage.delete_tree("artifacts", rel, flat=True)
     session.commit()
     log.info("deleted fine-tuned model %s of job %s for %s", ft, job_id, principal.tenant_id)
     evict(settings, job_id)  # the inference server's adapter key of a fine-tuned model (api/routes/inference.py)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from service.objectstore import get_storage
 from api.fitcheck import GIB, estimate_job_memory, model_config_json
 from qlora_core.store import ModelStore
 from service.database import session_scope
@@ -62,7 +63,7 @@ def create(client, tenant, model: str, training_file: str, batch_size: int = 8, 
 def expected_bytes(settings, model: str, job: dict) -> int:
     with session_scope(settings.database_url) as s:
         cfg = s.scalar(select(Job.config).where(Job.id == job["id"]))
-    return estimate_job_memory(model_config_json(settings.models_dir, model), cfg)["total_bytes"]
+    return estimate_job_memory(model_config_json(get_storage(settings), model), cfg)["total_bytes"]
 
 
 def test_no_worker_reported_accepts_and_records_the_estimate(client, alice, tiny, train_file, settings):
@@ -117,7 +118,7 @@ def test_method_form_names_its_batch_size(client, alice, tiny, train_file, setti
 def test_auto_dtype_is_estimated_as_each_worker_would_compute(client, alice, tiny, train_file, settings):
     """compute_dtype "auto" is bf16 on one worker and fp32 on another: each is checked in its own."""
     shape = dict(batch_size=32, max_seq_length=2048, gradient_checkpointing=False)
-    config_json = model_config_json(settings.models_dir, tiny)
+    config_json = model_config_json(get_storage(settings), tiny)
     cfg = create(client, alice, tiny, train_file, **shape).json()["qlora"]
     assert cfg["compute_dtype"] == "auto"
     bf16 = estimate_job_memory(config_json, cfg, "bfloat16")["total_bytes"]

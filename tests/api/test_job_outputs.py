@@ -18,6 +18,7 @@ from qlora_core.store import BUNDLED_MODEL_ID
 from service.database import get_engine, session_scope
 from service.db import Checkpoint, File, Job, JobEvent, Model, Tenant, new_id
 from tests.api.conftest import assert_error, jsonl, upload
+from service.objectstore import get_storage
 from worker.results import write_results_file
 
 
@@ -74,7 +75,7 @@ def _finish(settings, job_id: str, steps: int = 3) -> list[str]:
         # `created` must come from the job (tests/api/test_models.py).
         s.add(Model(id=ft, tenant_id=tenant_id, kind="fine_tuned", base_model=BUNDLED_MODEL_ID, job_id=job_id,
                     artifact_path=final, owned_by=tenant_id))
-    results = write_results_file(get_engine(settings.database_url), Path(settings.files_dir), job_id, tenant_id)
+    results = write_results_file(get_engine(settings.database_url), get_storage(settings), job_id, tenant_id)
     with session_scope(settings.database_url) as s:
         s.add(File(**results))
         s.execute(update(Job).where(Job.id == job_id).values(result_files=[results["id"]]))

@@ -14,6 +14,8 @@ from sqlalchemy import Engine, func, select
 from service.db import File, Job
 from tests.worker.conftest import make_job
 from worker.events import add_event
+from service.objectstore import get_storage
+from service.settings import Settings
 from worker.results import RESULTS_HEADER, results_csv, write_results_file
 
 
@@ -39,7 +41,7 @@ def test_written_file_holds_the_jobs_metrics_events(engine: Engine, tmp_path: Pa
     for step, loss in ((1, 3.0), (2, 2.0)):
         add_event(engine, job_id, f"Step {step}/2", type="metrics", dedup_key=f"metrics:{step}",
                   data={"step": step, "train_loss": loss, "train_mean_token_accuracy": 0.1 * step})
-    row = write_results_file(engine, tmp_path / "files", job_id, tenant)
+    row = write_results_file(engine, get_storage(Settings(data_dir=tmp_path)), job_id, tenant)
 
     path = tmp_path / "files" / row["storage_path"]
     assert row["storage_path"] == f"{tenant}/{row['id']}.csv" and row["id"].startswith("file-")
