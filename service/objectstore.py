@@ -318,11 +318,11 @@ class S3Storage(Storage):
     def fetch_file(self, area: str, rel: str, sha256: str | None = None, cache: bool = True) -> Path:
         path = self.local_path(area, rel)
         with self.cache.entry(area, rel, cache) as entry:
-            if path.is_file() and (sha256 is None or entry.known_sha == sha256 or sha256_of(path) == sha256):
-                entry.used(path.stat().st_size, sha256)
+            if path.is_file() and (sha256 is None or entry.vouches_for(path, sha256) or sha256_of(path) == sha256):
+                entry.used(path, sha256)
                 return path
             got = self._get(self.key(area, rel), path, sha256)
-            entry.used(path.stat().st_size, got)
+            entry.used(path, got)
         return path
 
     def remote_manifest(self, area: str, rel: str) -> bytes | None:
@@ -344,7 +344,7 @@ class S3Storage(Storage):
             files = json.loads(manifest)["files"]
             if local.is_file() and local.read_bytes() == manifest and all(
                     (directory / n).is_file() and (directory / n).stat().st_size == f["bytes"] for n, f in files.items()):
-                entry.used(sum(f["bytes"] for f in files.values()))
+                entry.used(directory, n_bytes=sum(f["bytes"] for f in files.values()))
                 return directory
             directory.parent.mkdir(parents=True, exist_ok=True)
             tmp = directory.parent / f".tmp-{directory.name}-{uuid.uuid4().hex[:8]}"
@@ -360,7 +360,7 @@ class S3Storage(Storage):
                 os.rename(tmp, directory)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            entry.used(sum(f["bytes"] for f in files.values()))
+            entry.used(directory, n_bytes=sum(f["bytes"] for f in files.values()))
             log.info("fetched %s/%s (%d files) from the store", area, rel, len(files))
         return directory
 
@@ -446,19 +446,29 @@ class S3Storage(Storage):
 # check). Every download is written to a temp file while hashed and renamed into place only when
 # the hash matches the metadata (and, for a dataset, the sha256 its `files` row recorded at upload),
 # so a truncated transfer or a bit flip in the store never reaches training. A cached dataset is
-# re-hashed before use unless the cache index recorded that very hash for it; a cached tree is
-# used while its manifest equals the store's and every file it lists has the listed size.
+# re-hashed before use unless the cache index recorded that very hash for it at the file's current
+# size and mtime; a cached tree is used while its manifest equals the store's and every file it
+# lists has the listed size, else it is fetched again whole.
 
 
 class _Entry:
     def __init__(self, cache: "LocalCache", area: str, rel: str, tracked: bool) -> None:
         self.cache, self.area, self.rel, self.tracked = cache, area, rel, tracked
-        record = cache.record(area, rel) if tracked else None
-        self.known_sha = record.get("sha256") if record else None
+        self.record = cache.record(area, rel) if tracked else None
 
-    def used(self, n_bytes: int, sha256: str | None = None) -> None:
+    def vouches_for(self, path: Path, sha256: str) -> bool:
+        """True when this host hashed `path` to `sha256` and the file has not changed since (size, mtime)."""
+        r = self.record or {}
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return r.get("sha256") == sha256 and r.get("bytes") == st.st_size and r.get("mtime_ns") == st.st_mtime_ns
+
+    def used(self, path: Path, sha256: str | None = None, n_bytes: int | None = None) -> None:
         if self.tracked:
-            self.cache.touch(self.area, self.rel, n_bytes, sha256)
+            st = path.stat()
+            self.cache.touch(self.area, self.rel, st.st_size if n_bytes is None else n_bytes, sha256, st.st_mtime_ns)
 
 
 class LocalCache:
@@ -502,11 +512,12 @@ class LocalCache:
         except (OSError, ValueError):
             return None
 
-    def touch(self, area: str, rel: str, n_bytes: int, sha256: str | None) -> None:
+    def touch(self, area: str, rel: str, n_bytes: int, sha256: str | None, mtime_ns: int) -> None:
         self.entries.mkdir(parents=True, exist_ok=True)
         path = self._name(area, rel)
         tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps({"area": area, "rel": rel, "bytes": n_bytes, "sha256": sha256, "used": time.time()}))
+        tmp.write_text(json.dumps({"area": area, "rel": rel, "bytes": n_bytes, "sha256": sha256, "mtime_ns": mtime_ns,
+                                   "used": time.time()}))
         os.replace(tmp, path)
 
     def forget(self, area: str, rel: str) -> None:

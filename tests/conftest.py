@@ -37,3 +37,23 @@ def bundled_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = ModelStore(root)
     store.ensure_bundled()
     return store.model_path(BUNDLED_MODEL_ID)
+
+
+@pytest.fixture(scope="session")
+def s3_server():  # type: ignore[no-untyped-def]
+    """moto's S3 server as its own process on a 127.0.0.1 port (tests/faults/services.py, S3Server)."""
+    from tests.faults.services import start_s3_server
+
+    server = start_s3_server()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:  # type: ignore[no-untyped-def]
+    """A new, empty bucket on the test S3 server."""
+    import secrets
+
+    return s3_server.make_bucket(f"qlora-{secrets.token_hex(4)}")

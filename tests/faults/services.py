@@ -289,3 +289,45 @@ def start_api_server(env: dict[str, str], workdir: Path | None = None) -> ApiSer
         handle.close()
         raise
     return handle
+
+
+class S3Server(ServerProcess):
+    """moto's standalone S3 server (`moto_server`) on a 127.0.0.1 port: a real HTTP S3 endpoint in its
+    own process, which the service reaches through boto3 exactly as it would reach AWS or MinIO."""
+
+    def _ready(self) -> bool:
+        if not port_open(self.port):
+            return False
+        import httpx
+
+        try:
+            return httpx.get(self.url + "/", timeout=2).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    def storage_env(self, bucket: str, prefix: str = "") -> dict[str, str]:
+        """The settings that point a service process at `s3://bucket/prefix` on this server."""
+        return {"QLORA_STORAGE_URL": f"s3://{bucket}/{prefix}".rstrip("/"), "QLORA_S3_ENDPOINT_URL": self.url,
+                **S3_CREDENTIALS}
+
+    def make_bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.url, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
+                                                      if k != "AWS_DEFAULT_REGION"},
+                     region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
+        return name
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_s3_server() -> S3Server:
+    """Start `moto_server` (installed with the dev extras, so never skipped) and wait until it answers."""
+    script = Path(sys.executable).parent / "moto_server"
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
+    port = free_port()
+    server = S3Server("moto", [*argv, "-H", "127.0.0.1", "-p", str(port)], port, f"http://127.0.0.1:{port}",
+                      _workdir("qlora-s3-"), env={**os.environ, **S3_CREDENTIALS})
+    server.start()
+    return server
