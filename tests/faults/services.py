@@ -326,6 +326,8 @@ def start_s3_server() -> S3Server:
     """Start `moto_server` (installed with the dev extras, so never skipped) and wait until it answers."""
     script = Path(sys.executable).parent / "moto_server"
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
+    for k, v in S3_CREDENTIALS.items():  # this process's clients (boto3 reads them from the environment)
+        os.environ.setdefault(k, v)
     port = free_port()
     server = S3Server("moto", [*argv, "-H", "127.0.0.1", "-p", str(port)], port, f"http://127.0.0.1:{port}",
                       _workdir("qlora-s3-"), env={**os.environ, **S3_CREDENTIALS})

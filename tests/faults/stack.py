@@ -258,7 +258,13 @@ def build_stack(mode: str, tiny_model_dir: Path, pg_url: str | None = None, redi
     env.update(extra_env)
     data.mkdir(parents=True, exist_ok=True)
     upgrade(database_url)
-    ModelStore(data / "models").import_model(tiny_model_dir, TINY_MODEL_ID)
+    # With QLORA_STORAGE_URL=s3://... in extra_env the model goes to the bucket (and this dir's cache).
+    from service.objectstore import model_remote
+    from service.settings import Settings
+
+    settings = Settings(data_dir=data, storage_url=env.get("QLORA_STORAGE_URL", ""),
+                        s3_endpoint_url=env.get("QLORA_S3_ENDPOINT_URL", ""))
+    ModelStore(settings.models_dir, remote=model_remote(settings)).import_model(tiny_model_dir, TINY_MODEL_ID)
     key = create_key("faults", database_url=database_url)
     api_env = {k: v for k, v in env.items() if k.startswith("QLORA_") or k == "HF_HUB_OFFLINE"}
     api = start_api_server(api_env, workdir=root)
