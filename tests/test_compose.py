@@ -1,6 +1,6 @@
 """docker-compose.yml held to the code: every command is a real `qlora` subcommand, every QLORA_
 variable a Settings field, the worker reserves a GPU, dependencies wait on health and on the
-migration, and one volume holds the data dir for api and workers. No container engine runs here,
+migration and on the bucket, and the store is MinIO's S3 with no volume shared between API and workers. No container engine runs here,
 so the file is checked by parsing it and by Debian's `docker-compose config`, which validates it
 against the compose schema without an engine. `.ci/run` installs docker-compose when it is missing;
 elsewhere its absence skips that one test, and under QLORA_REQUIRE_SERVICES=1 (CI) fails it.
@@ -88,15 +88,25 @@ def test_api_reaches_the_inference_service(compose: dict[str, Any]) -> None:
     assert services["inference"]["restart"] == "unless-stopped"  # compose restarts a killed server
 
 
-def test_one_shared_data_volume(compose: dict[str, Any]) -> None:
+def test_the_store_is_minio_and_no_volume_is_shared(compose: dict[str, Any]) -> None:
+    """Issue 13: API, workers and inference server share nothing on disk; MinIO holds the data."""
     services = _qlora_services(compose)
-    data_dirs = {s["environment"]["QLORA_DATA_DIR"] for s in services.values()}
-    assert len(data_dirs) == 1
-    (data_dir,) = data_dirs
-    mounts = {name: [v for v in s["volumes"] if v.split(":")[1] == data_dir] for name, s in services.items()}
-    assert all(len(m) == 1 for m in mounts.values())
-    volumes = {m[0].split(":")[0] for m in mounts.values()}
-    assert len(volumes) == 1 and volumes <= set(compose["volumes"])
+    for name, service in services.items():
+        env = service["environment"]
+        assert env["QLORA_STORAGE_URL"] == "s3://qlora/" and env["QLORA_S3_ENDPOINT_URL"] == "http://minio:9000", name
+        assert env["AWS_ACCESS_KEY_ID"] == compose["services"]["minio"]["environment"]["MINIO_ROOT_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == compose["services"]["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+        assert Settings(data_dir="/tmp/x", storage_url=env["QLORA_STORAGE_URL"]).storage_is_s3
+    mounts = {name: {v.split(":")[0] for v in s.get("volumes", [])} for name, s in services.items()}
+    for a in mounts:
+        for b in mounts:
+            assert a == b or not (mounts[a] & mounts[b]), f"{a} and {b} share {mounts[a] & mounts[b]}"
+    assert mounts["api"] == set() and mounts["migrate"] == set()
+    init = compose["services"]["minio-init"]
+    assert "mc mb --ignore-existing store/qlora" in init["entrypoint"][-1]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert services["migrate"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert compose["services"]["minio"]["healthcheck"]["test"]
 
 
 def test_dockerfile_is_pinned_non_root_and_healthchecked() -> None:
@@ -120,7 +130,8 @@ def test_docker_compose_config_accepts_the_file(compose: dict[str, Any]) -> None
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     services = resolved["services"]
-    assert set(services) == set(compose["services"]) == {"postgres", "redis", "migrate", "api", "worker", "inference"}
+    assert set(services) == set(compose["services"]) == {"postgres", "redis", "minio", "minio-init", "migrate", "api",
+                                                         "worker", "inference"}
     for name, service in _qlora_services(compose).items():
         assert services[name]["command"] == service["command"], name
         assert services[name]["environment"] == {k: str(v) for k, v in service["environment"].items()}, name
