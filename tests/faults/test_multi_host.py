@@ -105,12 +105,23 @@ def test_a_job_whose_host_is_lost_finishes_on_another_host_from_the_store(s3_sta
                      headers={"Authorization": f"Bearer {stack.key}"}, timeout=60)
     assert resp.status_code == 200 and resp.content[:2] == b"\x1f\x8b"
 
+    # A merged export is built by the worker on its host and served from the bucket.
+    merged_url = f"{stack.api.url}/v1/fine_tuning/jobs/{job_id}/merged"
+    headers = {"Authorization": f"Bearer {stack.key}"}
+    stack.wait_until("the merged export", lambda: httpx.get(merged_url, headers=headers, timeout=60).status_code != 202,
+                     poll_s=0.5)
+    resp = httpx.get(merged_url, headers=headers, timeout=60)
+    assert resp.status_code == 200, resp.text
+    with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:gz") as tar:
+        assert "config.json" in tar.getnames() and any(n.endswith(".safetensors") for n in tar.getnames())
+
     # Nothing was shared on disk: the API keeps no upload or artifact, and the host that finished
     # the job dropped its copy once everything was in the store; it keeps the model and dataset cached.
     assert _files_under(stack.root / "data" / "cache" / "files") == []
     assert _files_under(stack.root / "data" / "cache" / "artifacts") == []
     host_b = _host_dir(stack, "b") / "cache"
-    assert not (host_b / "artifacts" / "jobs" / job_id).exists()
+    assert not (host_b / "artifacts" / "jobs" / job_id / "checkpoints").exists()
+    assert not (host_b / "artifacts" / "jobs" / job_id / "merged.tar.gz").exists()
     assert (host_b / "models" / "test--tiny-llama" / "config.json").is_file()
     assert [p for p in _files_under(host_b / "files") if p.endswith(".jsonl")]
     second.stop()

@@ -218,3 +218,41 @@ def test_an_adapter_loaded_after_the_base_ran_still_answers_as_peft(tiny_model_d
         assert got["ids"][0] == want, i
     with torch.no_grad(), slot.peft.disable_adapter():
         assert torch.equal(slot.peft(input_ids=ids).logits, before)  # the base did not move
+
+
+def test_an_adapter_in_the_s3_store_is_fetched_on_first_use(tiny_model_dir: Path, adapters: list[Path],
+                                                            tmp_path: Path, s3_server, s3_bucket) -> None:
+    """With QLORA_STORAGE_URL=s3://..., the API sends the adapter's place in the store and the
+    inference server (its own host, its own disk) fetches it: the answer is the downloaded adapter's."""
+    import shutil
+
+    from service.objectstore import get_storage
+    from service.settings import Settings
+
+    def host(name: str):  # type: ignore[no-untyped-def]
+        return get_storage(Settings(data_dir=tmp_path / name, storage_url=f"s3://{s3_bucket}/x",
+                                    s3_endpoint_url=s3_server.url))
+
+    worker, server = host("worker"), host("inference")
+    rel = "jobs/ftjob-1/adapter"
+    shutil.copytree(adapters[0], worker.local_path("artifacts", rel))
+    worker.publish_tree("artifacts", rel)
+    fetched: list[str] = []
+
+    def resolve_adapter(path: str) -> str:
+        fetched.append(path)
+        return str(server.fetch_tree("artifacts", path))
+
+    eng = Engine(lambda _: tiny_model_dir, device="cpu", max_batch=8, max_adapter_bytes=1 << 30,
+                 resolve_adapter=resolve_adapter)
+    eng.start()
+    try:
+        want = _peft_greedy(tiny_model_dir, adapters[0], 8)
+        for _ in range(2):  # the second request finds it loaded: no second fetch
+            got = _run(eng, prompts=[PROMPT], max_tokens=8, temperature=0.0, adapter_key="ftjob-1", adapter_path=rel)
+            assert got["ids"][0] == want
+        assert fetched == [rel]
+        gone = _run(eng, prompts=[PROMPT], max_tokens=2, adapter_key="ftjob-2", adapter_path="jobs/ftjob-2/adapter")
+        assert gone["events"][-1][0] == "error" and gone["events"][-1][1].status == 404
+    finally:
+        eng.stop()
