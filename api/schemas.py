@@ -93,7 +93,7 @@ class Method(BaseModel):
 
 
 # OpenAI's hyperparameters and `seed` own these TrainConfig fields; `qlora` holds the rest.
-QLORA_EXCLUDED = ("n_epochs", "batch_size", "seed")
+QLORA_EXCLUDED = ("n_epochs", "batch_size", "seed", "method", "dpo_beta")
 
 
 def _qlora_options_model() -> type[BaseModel]:

@@ -17,6 +17,7 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OVERLONG = ("truncate", "drop")
+METHODS = ("supervised", "dpo")
 MAX_LORA_R = 512  # vLLM's largest --max-lora-rank: every adapter we write stays servable there
 
 
@@ -69,6 +70,10 @@ class TrainConfig:
     n_checkpoints: int | None = None  # None: one per epoch; the last is always the final step
     checkpoint_steps: int | None = None  # explicit interval, overrides n_checkpoints
     max_eval_examples: int | None = None
+    # the method (OpenAI's `method.type`): supervised fine-tuning, or DPO on preference pairs with
+    # its beta (qlora_core/dpo.py); set through the API's `method` object, not `qlora`
+    method: str = "supervised"
+    dpo_beta: float = 0.1
 
     def validate(self) -> list[tuple[str, str]]:
         """Return every problem as (param, message); empty when the config is valid."""
@@ -124,6 +129,13 @@ class TrainConfig:
             bad("n_checkpoints", f"n_checkpoints must be between 1 and 100, got {self.n_checkpoints}")
         if self.checkpoint_steps is not None and self.checkpoint_steps < 1:
             bad("checkpoint_steps", f"checkpoint_steps must be >= 1, got {self.checkpoint_steps}")
+        if self.method not in METHODS:
+            bad("method", f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 < self.dpo_beta <= 2.0:
+            bad("dpo_beta", f"beta must be in (0, 2], got {self.dpo_beta}")
+        if self.method == "dpo" and self.packing:
+            bad("packing", "packing is not available with DPO: each preference pair is one chosen and one "
+                           "rejected row of its own")
         return problems
 
     def check(self) -> "TrainConfig":

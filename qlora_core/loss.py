@@ -140,21 +140,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         logits_buf = torch.empty((rows_max, vocab), dtype=hidden.dtype, device=hidden.device)
         exp_buf = torch.empty((rows_max, vocab), dtype=torch.float32, device=hidden.device)
         for start in range(0, n_rows, CE_CHUNK):
-            h, g = hidden[start : start + CE_CHUNK], gold[start : start + CE_CHUNK]  # (n, H), (n,)
-            n = h.shape[0]
-            rows = torch.arange(n, device=g.device)
-            logits = torch.mm(h, weight.t(), out=logits_buf[:n])  # (n, V)
-            top, best = logits.max(dim=-1)  # (n,), (n,)
-            n_correct += (best == g).sum()
-            top = top.float()
-            # See Note: fp32 cross-entropy: exp(logit - max) and its sum in fp32.
-            expd = torch.sub(logits, top[:, None], out=exp_buf[:n]).exp_()  # (n, V)
-            total = expd.sum(dim=-1)  # (n,)
-            loss_sum += (top + total.log() - logits[rows, g].float()).sum()
-            # softmax - onehot = (exp - total * onehot) / total, rounded once into the logits' buffer
-            expd[rows, g] -= total
-            grad_logits = torch.mul(expd, total.reciprocal()[:, None], out=logits)  # (n, V)
-            torch.mm(grad_logits, weight, out=grad_hidden[start : start + n])  # (n, H)
+            nll, right = _ce_chunk(hidden, weight, gold, start, logits_buf, exp_buf, grad_hidden)
+            n_correct += right
+            loss_sum += nll.sum()
         ctx.save_for_backward(grad_hidden)
         ctx.mark_non_differentiable(n_correct)
         return loss_sum, n_correct
@@ -163,6 +151,93 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (grad_hidden,) = ctx.saved_tensors
         return (grad_hidden.float() * grad_loss).to(grad_hidden.dtype), None, None
+
+
+def _ce_chunk(hidden: torch.Tensor, weight: torch.Tensor, gold: torch.Tensor, start: int, logits_buf: torch.Tensor,
+              exp_buf: torch.Tensor, grad_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of Note: gradient in forward: the chunk's per-token fp32 cross-entropy (n,) and its
+    number right; d(token loss)/d hidden is written into `grad_hidden[start : start + n]`."""
+    h, g = hidden[start : start + CE_CHUNK], gold[start : start + CE_CHUNK]  # (n, H), (n,)
+    n = h.shape[0]
+    rows = torch.arange(n, device=g.device)
+    logits = torch.mm(h, weight.t(), out=logits_buf[:n])  # (n, V)
+    top, best = logits.max(dim=-1)  # (n,), (n,)
+    right = (best == g).sum()
+    top = top.float()
+    # See Note: fp32 cross-entropy: exp(logit - max) and its sum in fp32.
+    expd = torch.sub(logits, top[:, None], out=exp_buf[:n]).exp_()  # (n, V)
+    total = expd.sum(dim=-1)  # (n,)
+    nll = top + total.log() - logits[rows, g].float()  # (n,)
+    # softmax - onehot = (exp - total * onehot) / total, rounded once into the logits' buffer
+    expd[rows, g] -= total
+    grad_logits = torch.mul(expd, total.reciprocal()[:, None], out=logits)  # (n, V)
+    torch.mm(grad_logits, weight, out=grad_hidden[start : start + n])  # (n, H)
+    return nll, right
+
+
+class LinearTokenNLL(torch.autograd.Function):
+    """Per-token cross-entropy (N,) of `hidden @ weight^T` against `gold`, gradient made in forward.
+
+    The per-token form of `LinearCrossEntropy` for losses that weight tokens differently (DPO sums
+    them per sequence and scales each sequence by its own factor): the same chunks and buffers, and
+    backward scales each row of the saved gradient by its token's upstream gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        grad_hidden = torch.empty_like(hidden)  # (N, H)
+        nll = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
+        rows_max = max(min(CE_CHUNK, n_rows), 1)
+        logits_buf = torch.empty((rows_max, vocab), dtype=hidden.dtype, device=hidden.device)
+        exp_buf = torch.empty((rows_max, vocab), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n_rows, CE_CHUNK):
+            part, _ = _ce_chunk(hidden, weight, gold, start, logits_buf, exp_buf, grad_hidden)
+            nll[start : start + part.shape[0]] = part
+        ctx.save_for_backward(grad_hidden)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden.float() * grad_nll[:, None]).to(grad_hidden.dtype), None, None
+
+
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy at the supervised positions, and the batch row of each.
+
+    The supervised-position-only projection of `causal_lm_loss` (the decoder body, then the output
+    head on the N positions whose next token is supervised), returning the tokens' losses rather
+    than their sum: (N,) fp32, differentiable, and (N,) row indices into the batch.
+    """
+    labels = batch["labels"]  # (B, T)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    target = labels[:, 1:]  # (B, T-1)
+    keep = target != IGNORE_INDEX  # (B, T-1)
+    rows = keep.nonzero()[:, 0]  # (N,)
+    gold = target[keep]  # (N,)
+    split = _split_causal_lm(model)
+    if split is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep].float()  # (N, V)
+        return F.cross_entropy(logits, gold, reduction="none"), rows
+    decoder, head = split
+    picked = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, H)
+    if torch.is_grad_enabled() and picked.requires_grad and _frozen_plain_head(head):
+        dtype = matmul_dtype(picked, picked.dtype)
+        return LinearTokenNLL.apply(picked.to(dtype), head.weight.to(dtype), gold), rows
+    parts = []
+    for start in range(0, picked.shape[0], CE_CHUNK):  # See Note: chunked cross-entropy
+        h, g = picked[start : start + CE_CHUNK], gold[start : start + CE_CHUNK]
+        if torch.is_grad_enabled() and picked.requires_grad:
+            parts.append(checkpoint(_head_token_nll, head, h, g, use_reentrant=False))
+        else:
+            parts.append(_head_token_nll(head, h, g))
+    nll = torch.cat(parts) if parts else picked.float().sum(dim=-1)[:0]
+    return nll, rows
+
+
+def _head_token_nll(head: torch.nn.Module, hidden: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), gold, reduction="none")
 
 
 def _frozen_plain_head(head: torch.nn.Module) -> bool:

@@ -166,8 +166,9 @@ def train(
     valid_file: str | Path | None = None,
     callback: TrainingCallback | None = None,
     resume: bool = True,
+    init_adapter: str | Path | None = None,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter on a 4-bit base model.
+    """Fine-tune a LoRA adapter on a 4-bit base model (supervised, or DPO with `config.method`).
 
     Args:
         model_dir: a base-model dir (`qlora_core.store`): config, safetensors weights, tokenizer.
@@ -178,6 +179,8 @@ def train(
             `max_eval_examples` of it) and, whole, at the last step (See Note: full validation).
         callback: progress sink; `TrainingCallback()` when None.
         resume: continue from the latest complete checkpoint in `output_dir`, if any.
+        init_adapter: a saved adapter (PEFT layout, same rank) to start from instead of a fresh one:
+            training continues a fine-tuned model; for DPO that model is also the reference.
 
     Returns:
         A `TrainResult`; `status="stopped"` (and no final adapter) if `should_stop` said so.
@@ -193,7 +196,8 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _HeapTrimmer(on_cpu=not torch.cuda.is_available()):
-            return _run(Path(model_dir), Path(train_file), output_dir, config, valid_file, cb, resume)
+            return _run(Path(model_dir), Path(train_file), output_dir, config, valid_file, cb, resume,
+                        Path(init_adapter) if init_adapter is not None else None)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(_oom_advice(config, exc)) from exc
     except RuntimeError as exc:
@@ -215,8 +219,9 @@ def _run(
     valid_file: str | Path | None,
     cb: TrainingCallback,
     resume: bool,
+    init_adapter: Path | None = None,
 ) -> TrainResult:
-    from qlora_core import data, models
+    from qlora_core import data, dpo, models
 
     # ---- setup --------------------------------------------------------------------------------
     seed_everything(config.seed)
@@ -225,24 +230,31 @@ def _run(
     cb.on_message("warn" if choice.emulated else "info", choice.reason)
     compute_dtype = choice.dtype
     tokenizer = models.load_tokenizer(model_dir)
-    train_examples, stats = data.tokenize_file(
-        tokenizer, train_file, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
-    )
+    is_dpo = config.method == "dpo"
+
+    def tokenize(path: str | Path) -> tuple[list, Any]:
+        if is_dpo:  # rows [chosen_0, rejected_0, ...] (qlora_core/dpo.py)
+            return dpo.tokenize_pairs(tokenizer, path, config.max_seq_length, overlong=config.overlong)
+        if dpo.is_preference_file(path):
+            raise TrainingError(f"{Path(path).name} holds preference pairs: they train with method 'dpo'")
+        return data.tokenize_file(tokenizer, path, config.max_seq_length, config.train_on_inputs,
+                                  overlong=config.overlong)
+
+    train_examples, stats = tokenize(train_file)
     _report_stats(cb, "training", stats, config.max_seq_length)
     if not train_examples:
         raise TrainingError(f"no usable training examples in {train_file} (all dropped or empty)")
     valid_examples: list = []
     all_valid_examples: list = []  # the whole file, for the final evaluation (See Note: full validation)
     if valid_file is not None:
-        all_valid_examples, valid_stats = data.tokenize_file(
-            tokenizer, valid_file, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
-        )
+        all_valid_examples, valid_stats = tokenize(valid_file)
         _report_stats(cb, "validation", valid_stats, config.max_seq_length)
         valid_examples = all_valid_examples
-        if config.max_eval_examples is not None:
-            valid_examples = all_valid_examples[: config.max_eval_examples]
+        if config.max_eval_examples is not None:  # for DPO a count of pairs, each two rows
+            valid_examples = all_valid_examples[: config.max_eval_examples * (2 if is_dpo else 1)]
 
-    lengths = [len(ex.input_ids) for ex in train_examples]
+    # For DPO the plan's "examples" are pairs, each as long as its longer row.
+    lengths = dpo.pair_lengths(train_examples) if is_dpo else [len(ex.input_ids) for ex in train_examples]
     try:
         plan = make_plan(lengths, config, bool(valid_examples))
     except ValueError as exc:
@@ -282,6 +294,9 @@ def _run(
         fused_layers=config.fused_layers,
     )
     _keep_4bit_layout(model)
+    if init_adapter is not None and saved is None:  # a checkpoint, when there is one, holds newer weights
+        ckpt.load_adapter_weights(model, init_adapter)
+        cb.on_message("info", f"starting from the adapter of the fine-tuned model ({init_adapter.name})")
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optimizer, config.learning_rate, config.weight_decay, device, cb.on_message)
@@ -297,12 +312,14 @@ def _run(
     pad_id = tokenizer.pad_token_id
     valid_batches = (
         [data.collate(valid_examples, rows, pad_id) for rows in valid_plan(valid_examples, config)]
-        if valid_examples
+        if valid_examples and not is_dpo
         else []
     )
 
     # See Note: exact resume
     state = {"step": 0, "epoch": 0, "group": 0, "trained_tokens": 0, "supervised_tokens": 0, "history": []}
+    if is_dpo:
+        state["reference"] = None  # See Note: reference log-probs in qlora_core/dpo.py
     if saved is not None:
         ckpt.load_adapter_weights(model, latest)
         load_optimizer_state(optimizer, saved["optimizer"])  # See Note: paged state after a resume
@@ -312,6 +329,16 @@ def _run(
         ckpt.restore_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
         cb.on_message("info", f"resumed from checkpoint at step {state['step']} ({latest.name})")
+    if is_dpo and state["reference"] is None:
+        t0 = time.perf_counter()
+        state["reference"] = {
+            split: dpo.reference_logps(model, rows, _pair_batches(rows, config), pad_id, device, autocast,
+                                       adapter_off=init_adapter is None) if rows else None
+            for split, rows in (("train", train_examples), ("valid", all_valid_examples))
+        }
+        cb.on_message("info", f"reference log-probs of {len(train_examples) // 2 + len(all_valid_examples) // 2} "
+                              f"pairs taken once ({'the base model, adapter off' if init_adapter is None else 'the fine-tuned model'}"
+                              f"), in {time.perf_counter() - t0:.1f} s")  # fmt: skip
 
     cb.on_start(
         {
@@ -334,6 +361,7 @@ def _run(
     # ---- train --------------------------------------------------------------------------------
     model.train()
     window = {"loss": 0.0, "correct": 0, "tokens": 0}  # since the last logged step
+    pair_window = dpo.new_window()
     started = time.perf_counter()
     step = state["step"]
     for epoch in range(state["epoch"], plan.n_epochs):
@@ -346,20 +374,24 @@ def _run(
                 cb.on_message("info", f"stopped at step {step} of {plan.total_steps}")
                 return _result("stopped", step, plan, state, output_dir, None)
             lr = scheduler.get_last_lr()[0]
-            batches = [data.collate(train_examples, rows, pad_id) for rows in groups[g]]
-            # Note: accumulation normalisation. Each micro-batch's summed loss is divided by the
-            # supervised tokens of the *whole* step, so the accumulated gradient equals that of
-            # one big batch (not a mean of per-batch means, which over-weights short batches).
-            n_sup = sum(count_supervised(b["labels"]) for b in batches)
-            for b in batches:
-                b = {k: v.to(device) for k, v in b.items()}
-                with autocast:
-                    parts = causal_lm_loss(model, b)
-                scaler.scale(parts.loss_sum / max(n_sup, 1)).backward()  # See Note: fp16 loss scaling
-                window["loss"] += float(parts.loss_sum.detach())
-                window["correct"] += parts.n_correct
-                window["tokens"] += parts.n_tokens
-                del parts
+            if is_dpo:
+                n_sup = _dpo_micro_batches(model, groups[g], train_examples, state["reference"]["train"], config,
+                                           pad_id, device, autocast, scaler, pair_window)
+            else:
+                batches = [data.collate(train_examples, rows, pad_id) for rows in groups[g]]
+                # Note: accumulation normalisation. Each micro-batch's summed loss is divided by the
+                # supervised tokens of the *whole* step, so the accumulated gradient equals that of
+                # one big batch (not a mean of per-batch means, which over-weights short batches).
+                n_sup = sum(count_supervised(b["labels"]) for b in batches)
+                for b in batches:
+                    b = {k: v.to(device) for k, v in b.items()}
+                    with autocast:
+                        parts = causal_lm_loss(model, b)
+                    scaler.scale(parts.loss_sum / max(n_sup, 1)).backward()  # See Note: fp16 loss scaling
+                    window["loss"] += float(parts.loss_sum.detach())
+                    window["correct"] += parts.n_correct
+                    window["tokens"] += parts.n_tokens
+                    del parts
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -368,7 +400,11 @@ def _run(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            state["trained_tokens"] += sum(lengths[i] for rows in groups[g] for row in rows for i in row)
+            if is_dpo:  # both rows of every pair went through the model
+                state["trained_tokens"] += sum(len(train_examples[2 * p + side].input_ids)
+                                               for rows in groups[g] for row in rows for p in row for side in (0, 1))
+            else:
+                state["trained_tokens"] += sum(lengths[i] for rows in groups[g] for row in rows for i in row)
             state["supervised_tokens"] += n_sup
             state["step"] = step
             state["epoch"], state["group"] = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
@@ -385,9 +421,19 @@ def _run(
                 "elapsed_s": round(time.perf_counter() - started, 3),
             }
             window = {"loss": 0.0, "correct": 0, "tokens": 0}
+            if is_dpo:
+                metrics.pop("train_mean_token_accuracy")
+                metrics.update({("train_loss" if k == "loss" else k): v for k, v in dpo.window_metrics(pair_window).items()})
+                pair_window = dpo.new_window()
+                if step in plan.eval_steps and valid_examples:
+                    metrics.update(_dpo_eval(model, valid_examples, state["reference"]["valid"], config, pad_id,
+                                             device, autocast, "valid_"))
+                if step == plan.total_steps and all_valid_examples:  # See Note: full validation
+                    metrics.update(_dpo_eval(model, all_valid_examples, state["reference"]["valid"], config, pad_id,
+                                             device, autocast, "full_valid_"))
             if step in plan.eval_steps and valid_batches:
                 metrics.update(evaluate(model, valid_batches, device, autocast))
-            if step == plan.total_steps and all_valid_examples:  # See Note: full validation
+            if step == plan.total_steps and all_valid_examples and not is_dpo:  # See Note: full validation
                 whole = len(valid_examples) == len(all_valid_examples) and "valid_loss" in metrics
                 metrics.update(full_evaluation(model, all_valid_examples, valid_plan(all_valid_examples, config),
                                                pad_id, device, autocast, metrics if whole else None))
@@ -407,6 +453,45 @@ def _run(
     adapter_dir = ckpt.save_adapter(model, output_dir)
     cb.on_message("info", f"training complete: {step} steps, {state['trained_tokens']} tokens; adapter at {adapter_dir}")
     return _result("completed", step, plan, state, output_dir, adapter_dir)
+
+
+def _pair_batches(rows: list, config: TrainConfig) -> list[list[int]]:
+    """Pair indices in micro-batches of `batch_size` pairs, in file order (reference and evaluation passes)."""
+    n = len(rows) // 2
+    return [list(range(i, min(i + config.batch_size, n))) for i in range(0, n, config.batch_size)]
+
+
+def _dpo_micro_batches(model: Any, group: list[list[list[int]]], rows: list, reference: torch.Tensor,
+                       config: TrainConfig, pad_id: int, device: torch.device, autocast: Any,
+                       scaler: torch.amp.GradScaler, window: dict) -> int:
+    """Forward and backward one optimizer step's micro-batches of pairs; returns its supervised tokens.
+
+    Each micro-batch's summed pair losses are divided by the pairs of the whole step, so the
+    accumulated gradient is that of the mean over the step's pairs (as Note: accumulation
+    normalisation does with tokens for the supervised loss).
+    """
+    from qlora_core import dpo
+
+    n_pairs = sum(len(row) for micro in group for row in micro)
+    n_sup = 0
+    for micro in group:
+        pairs = [p for row in micro for p in row]
+        b = {k: v.to(device) for k, v in dpo.collate_pairs(rows, pairs, pad_id).items()}
+        n_sup += count_supervised(b["labels"])
+        with autocast:
+            stats = dpo.dpo_loss(dpo.sequence_logps(model, b), reference[torch.tensor(pairs)], config.dpo_beta)
+        scaler.scale(stats.loss_sum / max(n_pairs, 1)).backward()  # See Note: fp16 loss scaling
+        dpo.add_to_window(window, stats)
+        del stats
+    return n_sup
+
+
+def _dpo_eval(model: Any, rows: list, reference: torch.Tensor, config: TrainConfig, pad_id: int,
+              device: torch.device, autocast: Any, prefix: str) -> dict[str, float]:
+    from qlora_core import dpo
+
+    return dpo.evaluate_pairs(model, rows, _pair_batches(rows, config), reference[: len(rows) // 2], config.dpo_beta,
+                              pad_id, device, autocast, prefix)
 
 
 # Note: exact resume. A checkpoint taken after optimizer step k holds the adapter, the optimizer
@@ -433,7 +518,8 @@ def _checkpoint_state(state: dict, optimizer: torch.optim.Optimizer, scheduler: 
 
 def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     current = config.to_dict()
-    changed = sorted(k for k in current if k not in _RESUME_SAFE_FIELDS and saved.get(k) != current[k])
+    defaults = TrainConfig().to_dict()  # a checkpoint from before an option existed ran under its default
+    changed = sorted(k for k in current if k not in _RESUME_SAFE_FIELDS and saved.get(k, defaults[k]) != current[k])
     if changed:
         raise TrainingError(
             f"checkpoint {path} was made with different settings ({', '.join(changed)}); "

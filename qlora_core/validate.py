@@ -5,13 +5,17 @@ library) and must survive hostile input: binary data, huge lines, deeply nested 
 tiny lines. It streams line by line, keeps at most `max_problems` problems (while still counting
 them all), and never raises on bad data.
 
-Four JSONL formats are accepted, one example per line (as OpenAI's fine-tuning API and the
-usual open-source trainers take them):
+Four supervised JSONL formats are accepted, one example per line (as OpenAI's fine-tuning API and
+the usual open-source trainers take them), and OpenAI's preference format for DPO:
 
 - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}]}`
 - prompt/completion: `{"prompt": str, "completion": str}`
 - alpaca: `{"instruction": str, "input"?: str, "output": str}`
 - text: `{"text": str}`
+- preference: `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": str}],
+  "non_preferred_output": [...]}`: one assistant message in each output, the input's messages as in
+  chat and not ending with an assistant turn. A file is either all preference or all supervised
+  (`mixed_formats` otherwise): a DPO job needs pairs on every line, a supervised one none.
 
 Problem codes follow the data checks of OpenAI's cookbook ("Data preparation and analysis for chat
 model fine-tuning") where a name exists there: `data_type`, `missing_messages_list`,
@@ -35,6 +39,7 @@ ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight", "name")  # "name" is accepted and ignored
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     # format -> keys that must all be present to claim it
+    "preference": ("input", "preferred_output", "non_preferred_output"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
@@ -66,6 +71,7 @@ class ValidationReport:
     formats: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     n_problems: int = 0
+    first_lines: dict[int, str] = field(default_factory=dict)  # line of the first example of each format
 
     @property
     def ok(self) -> bool:
@@ -125,14 +131,73 @@ def _check_text_field(obj: dict, key: str, problems: list[tuple[str, str]], *, r
         problems.append(("empty_content", f"{key!r} is empty"))
 
 
-def _check_chat(obj: dict, problems: list[tuple[str, str]]) -> None:
+PREFERENCE_FORMAT = "preference"
+SUPERVISED_FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+
+
+def _check_preference(obj: dict, problems: list[tuple[str, str]]) -> None:
+    """OpenAI's DPO line: a chat input that awaits a reply, and one preferred and one non-preferred reply."""
+    prompt = obj["input"]
+    if not isinstance(prompt, dict) or "messages" not in prompt:
+        problems.append(("missing_messages_list", "'input' must be an object with a 'messages' list"))
+    else:
+        for key in prompt:
+            if key != "messages":
+                problems.append(("message_unrecognized_key", f"'input' has unrecognized key {str(key)[:40]!r}"))
+        before = len(problems)
+        _check_chat(prompt, problems, prefix="input ", need_assistant=False)
+        messages = prompt["messages"]
+        if len(problems) == before and messages[-1].get("role") == "assistant":
+            problems.append(("input_ends_with_assistant",
+                             "'input' ends with an assistant message; it must end with the turn the outputs answer"))
+        if any(isinstance(m, dict) and "weight" in m for m in messages if isinstance(messages, list)):
+            problems.append(("invalid_weight", "'weight' is not used in preference inputs"))
+    for key in ("preferred_output", "non_preferred_output"):
+        out = obj[key]
+        if not isinstance(out, list) or len(out) != 1:
+            problems.append(("invalid_output", f"{key!r} must be a list of exactly one assistant message"))
+            continue
+        msg = out[0]
+        if not isinstance(msg, dict):
+            problems.append(("invalid_field_type", f"{key!r} message must be an object, got {type(msg).__name__}"))
+            continue
+        for k in msg:
+            if k not in ("role", "content"):
+                problems.append(("message_unrecognized_key", f"{key!r} message has unrecognized key {str(k)[:40]!r}"))
+        if msg.get("role") != "assistant":
+            problems.append(("unrecognized_role", f"{key!r} message must have role 'assistant', "
+                                                  f"got {str(msg.get('role'))[:40]!r}"))
+        content = msg.get("content")
+        if not isinstance(content, str):
+            problems.append(("missing_content" if content is None else "invalid_field_type",
+                             f"{key!r} message content must be a string"))
+        elif not content.strip():
+            problems.append(("empty_content", f"{key!r} message has empty content"))
+    for key in obj:
+        if key not in FORMAT_KEYS[PREFERENCE_FORMAT]:
+            problems.append(("message_unrecognized_key", f"unrecognized key {str(key)[:40]!r} in a preference example"))
+
+
+def preference_pair(example: dict) -> tuple[dict, dict]:
+    """The two chat examples a validated preference example stands for: input + preferred, input +
+    non-preferred, with only the final reply supervised (earlier assistant turns get weight 0)."""
+    context = [{"role": m["role"], "content": m["content"], **({"weight": 0} if m["role"] == "assistant" else {})}
+               for m in example["input"]["messages"]]
+
+    def chat(out: list[dict]) -> dict:
+        return {"messages": [*context, {"role": "assistant", "content": out[0]["content"]}]}
+
+    return chat(example["preferred_output"]), chat(example["non_preferred_output"])
+
+
+def _check_chat(obj: dict, problems: list[tuple[str, str]], prefix: str = "", need_assistant: bool = True) -> None:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        problems.append(("missing_messages_list", "'messages' must be a non-empty list"))
+        problems.append(("missing_messages_list", f"{prefix}'messages' must be a non-empty list"))
         return
     n_trained = n_assistant = 0
     for i, msg in enumerate(messages, start=1):
-        where = f"message {i}"
+        where = f"{prefix}message {i}"
         if not isinstance(msg, dict):
             problems.append(("invalid_field_type", f"{where} must be an object, got {type(msg).__name__}"))
             continue
@@ -168,6 +233,8 @@ def _check_chat(obj: dict, problems: list[tuple[str, str]]) -> None:
             n_assistant += 1
             if msg.get("weight", 1) != 0:  # a bad weight is reported once, above
                 n_trained += 1
+    if not need_assistant:
+        return
     if n_assistant == 0:
         problems.append(("example_missing_assistant_message", "no assistant message"))
     elif n_trained == 0:
@@ -189,10 +256,13 @@ def check_example(obj: Any) -> tuple[str | None, list[tuple[str, str]]]:
     if not matches:
         keys = ", ".join(sorted(str(k)[:40] for k in list(obj)[:10])) or "none"
         return None, [("unknown_format", f"unknown format (keys: {keys}); expected 'messages', "
-                                         "'prompt'+'completion', 'instruction'+'output' or 'text'")]
+                                         "'prompt'+'completion', 'instruction'+'output', 'text' or "
+                                         "'input'+'preferred_output'+'non_preferred_output'")]
     fmt = matches[0]
     problems: list[tuple[str, str]] = []
-    if fmt == "chat":
+    if fmt == PREFERENCE_FORMAT:
+        _check_preference(obj, problems)
+    elif fmt == "chat":
         _check_chat(obj, problems)
     elif fmt == "prompt_completion":
         _check_text_field(obj, "prompt", problems, required=True, allow_empty=True)
@@ -297,8 +367,20 @@ def validate_lines(lines: Iterable[bytes | str], max_problems: int = 1000,
                     report.problems.append(Problem(line_no, code, message))
         else:
             report.n_examples += 1
+            if fmt not in report.formats:
+                report.first_lines[line_no] = fmt
             report.formats[fmt] = report.formats.get(fmt, 0) + 1
     report.n_lines = counter.count
+    if PREFERENCE_FORMAT in report.formats and len(report.formats) > 1:
+        first = {}  # the first line of each format, to point at
+        for line_no, fmt in report.first_lines.items():
+            first.setdefault(fmt, line_no)
+        others = ", ".join(f"{f} (first at line {first[f]})" for f in sorted(report.formats) if f != PREFERENCE_FORMAT)
+        report.n_problems += 1
+        report.problems.insert(0, Problem(first[PREFERENCE_FORMAT], "mixed_formats",
+                                          f"the file mixes preference examples (first at line "
+                                          f"{first[PREFERENCE_FORMAT]}) with supervised ones: {others}; a file "
+                                          "is either all preference pairs (DPO) or all supervised examples"))
     if report.n_examples == 0 and report.n_problems == 0:
         report.n_problems = 1
         report.problems.append(Problem(0, "no_examples", "file has no examples"))
