@@ -105,7 +105,8 @@ def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any], native
     return estimate_training_memory(
         config_json,
         seq_len=int(cfg["max_seq_length"]),
-        batch_size=int(cfg["batch_size"]),
+        # A DPO micro-batch of b pairs is 2b rows, chosen and rejected (qlora_core/dpo.py).
+        batch_size=int(cfg["batch_size"]) * (2 if cfg.get("method") == "dpo" else 1),
         lora_r=int(cfg["lora_r"]),
         gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
         checkpoint_fraction=cfg.get("checkpoint_fraction"),  # None: the engine's automatic choice

@@ -86,10 +86,24 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised three plus `beta` (auto: 0.1)."""
+
+    beta: Literal["auto"] | float | None = "auto"
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """OpenAI's `method`: `{"type": "supervised" | "dpo", "<type>": {"hyperparameters": {...}}}`."""
+
+    model_config = ConfigDict(extra="allow")  # "reinforcement" and future types: refused by name in api/jobspec.py
     type: str = "supervised"
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
 
 
 # OpenAI's hyperparameters and `seed` own these TrainConfig fields; `qlora` holds the rest.
@@ -150,7 +164,7 @@ class JobObject(BaseModel):
     error: JobError | None
     fine_tuned_model: str | None
     finished_at: int | None
-    hyperparameters: dict[str, Any]
+    hyperparameters: dict[str, Any] | None  # supervised jobs only (OpenAI: deprecated in favour of method)
     method: dict[str, Any] | None
     organization_id: str
     result_files: list[str] = []  # a succeeded job's `fine-tune-results` CSV (worker/results.py)
@@ -169,17 +183,18 @@ class JobObject(BaseModel):
         cfg = j.config or {}
         hp = resolved_hyperparameters(cfg)
         err = j.error if j.error and j.error.get("message") else None
+        is_dpo = (j.method or {}).get("type") == "dpo"
         return cls(
             id=j.id,
             created_at=j.created_at,
-            model=j.model,
+            model=j.requested_model or j.model,
             training_file=j.training_file,
             validation_file=j.validation_file,
             status=j.status,  # type: ignore[arg-type]
             error=JobError(**err) if err else None,
             fine_tuned_model=j.fine_tuned_model,
             finished_at=j.finished_at,
-            hyperparameters=hp,
+            hyperparameters=None if is_dpo else hp,
             method=j.method or {"type": "supervised", "supervised": {"hyperparameters": hp}},
             organization_id=j.tenant_id,
             result_files=list(j.result_files or []),

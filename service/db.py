@@ -118,7 +118,12 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # ftjob-…
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     api_key_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
-    model: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(256))  # the base model trained on (see requested_model)
+    # A job continuing a fine-tuned model (migration 0006): the name the client gave (the API's
+    # `model`), its adapter in the artifact store (the starting weights; DPO's reference), its job.
+    requested_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    init_adapter: Mapped[str | None] = mapped_column(Text, nullable=True)
+    parent_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(32), index=True)

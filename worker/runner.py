@@ -33,9 +33,11 @@ CANCEL_POLL_S = 1.0
 # What a metrics event's `data` and a checkpoint's `metrics` carry: OpenAI's names, and at the last
 # step of a run with a validation file the base model's full-file figures beside the fine-tuned
 # model's (qlora_core/evaluate.py, See Note: full validation).
+_REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")  # DPO (qlora_core/dpo.py)
 METRIC_KEYS = (
     "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
     "full_valid_loss", "full_valid_mean_token_accuracy", "base_full_valid_loss", "base_full_valid_mean_token_accuracy",
+    *_REWARDS, *(f"valid_{k}" for k in _REWARDS), *(f"full_valid_{k}" for k in _REWARDS),
 )  # fmt: skip
 
 

@@ -75,7 +75,8 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     out_dir = job_output_dir(settings, job.id)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = get_storage(settings)
-    restore_last_checkpoint(engine, storage, job.id, out_dir)
+    restored = restore_last_checkpoint(engine, storage, job.id, out_dir)
+    init_adapter = _init_adapter(engine, storage, job, restored is not None or any(out_dir.glob("checkpoints/step-*")))
     callback = DbCallback(engine, job.id, ft_name, job.tenant_id, Path(settings.artifacts_dir), lease, deadline,
                           storage=storage if storage.remote else None)
     config = TrainConfig.from_dict(job.config)
@@ -89,6 +90,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
             valid_file=valid_file,
             callback=callback,
             resume=True,
+            init_adapter=init_adapter,
         )
     except LeaseLost:  # another worker holds the job now; it publishes, this process only stops
         log.warning("job %s: stopped, its lease was taken over", job.id)
@@ -135,6 +137,27 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
         storage.drop_local("artifacts", f"jobs/{job.id}")
         storage.drop_local("files", results["storage_path"])
     return "succeeded" if published else "lease_lost"
+
+
+def _init_adapter(engine: Engine, storage: Any, job: Any, has_checkpoint: bool) -> Path | None:
+    """The adapter of the fine-tuned model the job continues, on this host (None for a job on a base model).
+
+    A job that already has a checkpoint resumes from it and no longer needs the starting adapter.
+
+    Raises:
+        JobFailed: `model_not_found` when the model's adapter is gone and nothing else to start from.
+    """
+    from service.storage import ArtifactMissing, UnsafePath
+
+    if not job.init_adapter:
+        return None
+    try:
+        return storage.fetch_tree("artifacts", job.init_adapter)
+    except (ArtifactMissing, UnsafePath):
+        if has_checkpoint:
+            return None
+        raise JobFailed("model_not_found", f"The adapter of {job.requested_model}, which this job continues, "
+                        "is no longer in the artifact store (was the model deleted?)", "model") from None
 
 
 def restore_last_checkpoint(engine: Engine, storage: Any, job_id: str, out_dir: Path) -> Path | None:

@@ -21,10 +21,12 @@ from api.basemodels import base_model
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
 from api.fitcheck import check_fit, live_workers
-from api.jobspec import check_metadata, hyperparameters_param, resolve_config
+from api.jobspec import check_metadata, hyperparameters_param, method_type, resolve_config
+from api.routes.models import fine_tuned_models
 from api.routes.pagination import paginate
 from api.schemas import (ErrorResponse, EstimateWorker, JobCreate, JobEstimate, JobList, JobObject,
                          resolved_hyperparameters)
+from qlora_core.validate import PREFERENCE_FORMAT
 from service import queue
 from service.db import ACTIVE_STATUSES, FINISHED_STATUSES, File, Job, JobEvent, new_id, now
 from service.objectstore import get_storage
@@ -68,24 +70,55 @@ class _Checked:
     method: dict[str, Any]
     metadata: dict[str, str] | None
     estimated_memory_bytes: int | None
+    base: str  # the base model trained on
+    parent: Job | None  # the job of the fine-tuned model this job continues
+
+
+def _parent_job(session: SessionDep, tenant_id: str, name: str) -> Job | None:
+    """The succeeded job behind one of the tenant's fine-tuned models, or None (unknown, another tenant's, deleted)."""
+    row = session.execute(fine_tuned_models(tenant_id, name)).tuples().first()
+    if row is None or not row[1].adapter_path:
+        return None
+    return row[1]
+
+
+def _check_format(f: File, kind: str, param: str) -> None:
+    """A DPO job needs preference pairs, a supervised job supervised examples (qlora_core/validate.py)."""
+    pairs = f.data_format == PREFERENCE_FORMAT
+    if kind == "dpo" and not pairs:
+        raise bad_request(f"File {f.id} holds supervised examples ({f.data_format} format), but method 'dpo' needs "
+                          "preference pairs: lines of {\"input\": {\"messages\": [...]}, \"preferred_output\": [...], "
+                          "\"non_preferred_output\": [...]}.", param=param, code="invalid_file_format")
+    if kind == "supervised" and pairs:
+        raise bad_request(f"File {f.id} holds preference pairs (the DPO format), but a supervised job needs "
+                          "supervised examples (chat, prompt/completion, alpaca or text); use "
+                          "method={\"type\": \"dpo\"} to train on pairs.", param=param, code="invalid_file_format")
 
 
 def _check_request(req: JobCreate, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> _Checked:
     """Everything `create_job` validates before it records anything (shared with `estimate_job`)."""
+    base, parent = req.model, None
     if base_model(get_storage(settings), req.model) is None:
-        raise APIError(400, f"Model {req.model!r} does not exist or is not available for fine-tuning. "
-                       "GET /v1/models lists the base models.", param="model", code="model_not_found")
+        parent = _parent_job(session, principal.tenant_id, req.model)
+        if parent is None:
+            raise APIError(400, f"Model {req.model!r} does not exist or is not available for fine-tuning. "
+                           "GET /v1/models lists the base models and your fine-tuned models.", param="model",
+                           code="model_not_found")
+        base = parent.model  # See Note: continuing a fine-tuned model in api/jobspec.py
+    kind = method_type(req)
     train = _check_file(session, principal.tenant_id, req.training_file, "training_file")
+    _check_format(train, kind, "training_file")
     if train.n_examples < MIN_TRAINING_EXAMPLES:
         raise bad_request(f"Training file has {train.n_examples} example(s), but must have at least "
                           f"{MIN_TRAINING_EXAMPLES} examples", param="training_file", code="invalid_n_examples")
     if req.validation_file is not None:
-        _check_file(session, principal.tenant_id, req.validation_file, "validation_file")
+        _check_format(_check_file(session, principal.tenant_id, req.validation_file, "validation_file"), kind,
+                      "validation_file")
     metadata = check_metadata(req.metadata)
-    config, requested, method = resolve_config(req)
+    config, requested, method = resolve_config(req, parent.config if parent is not None else None)
     # Refuse now what no worker can hold, rather than failing out of memory after the queue.
-    estimated = check_fit(session, settings, req.model, config, hyperparameters_param(req))
-    return _Checked(config, requested, method, metadata, estimated)
+    estimated = check_fit(session, settings, base, config, hyperparameters_param(req))
+    return _Checked(config, requested, method, metadata, estimated, base, parent)
 
 
 @router.post("/estimate", response_model=JobEstimate)
@@ -124,7 +157,11 @@ def create_job(req: Annotated[JobCreate, Body()], principal: PrincipalDep, sessi
                        f"{settings.max_concurrent_jobs}; wait for one to finish or cancel one.",
                        type="requests", code="concurrent_jobs_limit")
 
-    job = Job(id=new_id("ftjob"), tenant_id=principal.tenant_id, api_key_id=principal.key_id, model=req.model,
+    parent = checked.parent
+    job = Job(id=new_id("ftjob"), tenant_id=principal.tenant_id, api_key_id=principal.key_id, model=checked.base,
+              requested_model=req.model if parent is not None else None,
+              init_adapter=parent.adapter_path if parent is not None else None,
+              parent_job_id=parent.id if parent is not None else None,
               training_file=req.training_file, validation_file=req.validation_file, status="validating_files",
               suffix=req.suffix, seed=config["seed"], user_metadata=metadata, hyperparameters=requested,
               config=config, method=method, attempts=0,

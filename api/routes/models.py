@@ -23,7 +23,7 @@ from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import APIError, not_found
 from api.schemas import ErrorResponse, ModelDeleted, ModelList, ModelObject
 from api.upstream import evict
-from service.db import Job, Model
+from service.db import ACTIVE_STATUSES, Job, Model
 from service.objectstore import get_storage
 from service.storage import delete_adapter, job_archive_rel, merged_archive_rel
 
@@ -93,7 +93,8 @@ def delete_model(model_id: str, principal: PrincipalDep, session: SessionDep, se
 
     Raises:
         APIError: 404 `model_not_found` for an unknown, deleted or other tenant's model; 403
-            `model_not_deletable` for a base model.
+            `model_not_deletable` for a base model; 400 `model_in_use` while an unfinished job
+            continues the model.
     """
     row = session.execute(fine_tuned_models(principal.tenant_id, model_id)).tuples().first()
     if row is None:
@@ -104,6 +105,11 @@ def delete_model(model_id: str, principal: PrincipalDep, session: SessionDep, se
         raise not_found("model", model_id, param="model")
     m, job = row
     ft, job_id = m.id, job.id
+    user = session.scalar(select(Job.id).where(Job.parent_job_id == job_id, Job.tenant_id == principal.tenant_id,
+                                               Job.status.in_(ACTIVE_STATUSES)).limit(1))
+    if user is not None:  # its adapter is that job's starting point (and a DPO job's reference)
+        raise APIError(400, f"Model {ft} is being trained on by unfinished job {user}; cancel the job or wait for "
+                       "it to finish.", param="model", code="model_in_use")
     paths = {p for p in (job.adapter_path, m.artifact_path) if p}
     # The row goes first (a concurrent delete then finds nothing: 404), the files next, and the
     # commit last: a 200 means the files are gone, and a failed removal rolls the row back so the

@@ -47,7 +47,11 @@ def test_method_form_and_explicit_seed(client, alice, train_file):
     assert resp.status_code == 200, resp.text
     job = resp.json()
     assert job["seed"] == 1234 and job["hyperparameters"]["batch_size"] == 2 and job["hyperparameters"]["n_epochs"] == 3
-    assert_error(create(client, alice, training_file=train_file, method={"type": "dpo"}), 400, param="method.type")
+    err = assert_error(create(client, alice, training_file=train_file, method={"type": "reinforcement"}), 400,
+                       "invalid_value", "method.type")
+    assert "'reinforcement'" in err["message"] and "not supported" in err["message"]
+    assert_error(create(client, alice, training_file=train_file, method={"type": "dpo"}), 400,
+                 "invalid_file_format", "training_file")  # a DPO job on a supervised file (tests/api/test_dpo_jobs.py)
 
 
 @pytest.mark.parametrize(
