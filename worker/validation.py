@@ -94,15 +94,29 @@ def validate_job_files(engine: Engine, settings: Settings, job: Any, emit: Calla
         model_dir = ModelStore(settings.models_dir, remote=model_remote(settings)).model_path(job.model)
     except KeyError:
         raise JobFailed("model_not_found", f"Model {job.model} is not in the model store", "model") from None
+    from qlora_core.dpo import is_preference_file, tokenize_pairs
+    from qlora_core.validate import DatasetError
+
     tokenizer = load_tokenizer(model_dir)
+    is_dpo = config.method == "dpo"
     for param, path in paths.items():
-        _, stats = tokenize_file(
-            tokenizer, path, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
-        )
-        kept = stats.n_examples - stats.n_dropped if config.overlong == "drop" else stats.n_examples
         name = param.replace("_", " ")
+        if is_preference_file(path) != is_dpo:  # the API refuses these; a file cannot change since
+            need = "preference pairs (method 'dpo')" if is_dpo else "supervised examples (method 'supervised')"
+            raise JobFailed("invalid_training_file", f"The {name} does not hold {need}", param)
+        try:
+            if is_dpo:
+                _, stats = tokenize_pairs(tokenizer, path, config.max_seq_length, overlong=config.overlong)
+            else:
+                _, stats = tokenize_file(
+                    tokenizer, path, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
+                )
+        except (DatasetError, ValueError) as e:
+            raise JobFailed("invalid_training_file", f"The {name} cannot be trained on: {str(e)[:300]}", param) from e
+        kept = stats.n_examples - stats.n_dropped if config.overlong == "drop" else stats.n_examples
+        unit = "preference pairs" if is_dpo else "examples"
         emit(
-            f"Validated {name}: {stats.n_examples} examples, {stats.n_tokens} tokens "
+            f"Validated {name}: {stats.n_examples} {unit}, {stats.n_tokens} tokens "
             f"({stats.n_supervised_tokens} trained on)"
         )
         # (train() itself warns about truncated or dropped examples; not repeated here.)
