@@ -26,7 +26,7 @@ from qlora_core.loss import IGNORE_INDEX
 from qlora_core.models import add_lora, load_quantized_model, load_tokenizer
 from qlora_core.train import _keep_4bit_layout
 
-pytest.importorskip("trl", reason="TRL is a test-only dependency (pyproject's dev extras)")
+
 
 BETA = 0.2
 
