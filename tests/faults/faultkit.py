@@ -106,11 +106,11 @@ class SseReader(threading.Thread):
         return [e["data"]["step"] for e in self.events if e["type"] == "metrics"]
 
 
-def reference_run(stack: Stack, max_steps: int, **qlora: Any) -> tuple[Any, dict[str, Any]]:
+def reference_run(stack: Stack, max_steps: int, dpo: bool = False, **qlora: Any) -> tuple[Any, dict[str, Any]]:
     """Run a job uninterrupted on a fresh worker; returns (job, adapter tensors). The worker is stopped after."""
     worker = stack.start_worker("ref")
     try:
-        job_id = stack.create_job(max_steps=max_steps, **qlora)
+        job_id = stack.create_job(max_steps=max_steps, dpo=dpo, **qlora)
         job = stack.wait_finished(job_id)
         assert job.status == "succeeded", f"{job.error}\n{stack.logs()}"
         return job, load_adapter_tensors(stack.job_dir(job_id) / "adapter")

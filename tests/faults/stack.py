@@ -51,6 +51,15 @@ def training_jsonl(n: int) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def preference_jsonl(n: int) -> bytes:
+    """`n` preference pairs (DPO), the same bytes every time: the preferred reply in a fixed form."""
+    lines = [json.dumps({"input": {"messages": [{"role": "user", "content": f"What is {i} plus {i + 1}?"}]},
+                         "preferred_output": [{"role": "assistant", "content": f"Answer: {2 * i + 1}."}],
+                         "non_preferred_output": [{"role": "assistant", "content": f"maybe {2 * i + 2}, roughly"}]})
+             for i in range(n)]
+    return ("\n".join(lines) + "\n").encode()
+
+
 def qlora_cmd(*args: str) -> list[str]:
     """The `qlora` console script of this interpreter's environment (or `python -m qlora_cli.main`)."""
     script = Path(sys.executable).parent / "qlora"
@@ -129,7 +138,7 @@ class Stack:
     database_url: str
     redis: ServerProcess | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
-    _file_id: str | None = None
+    _file_ids: dict[str, str] = field(default_factory=dict)
 
     # --- processes --------------------------------------------------------------------------
     def start_worker(self, name: str | None = None, **extra_env: str) -> WorkerProcess:
@@ -189,17 +198,23 @@ class Stack:
 
     # --- acting -----------------------------------------------------------------------------
     def create_job(self, max_steps: int, n_examples: int = 24, seed: int = 7, batch_size: int = 2,
-                   **qlora: Any) -> str:
-        """Create a job through the SDK (one shared training file per stack); returns its id."""
-        client = self.client()
-        if self._file_id is None:
-            import io
+                   dpo: bool = False, **qlora: Any) -> str:
+        """Create a job through the SDK (one shared training file per stack and method); returns its id.
 
-            self._file_id = client.files.create(file=("train.jsonl", io.BytesIO(training_jsonl(n_examples))),
-                                                purpose="fine-tune").id
+        `dpo=True`: a DPO job (`method` type dpo, beta 0.1) on `n_examples` preference pairs.
+        """
+        import io
+
+        client = self.client()
+        key = "dpo" if dpo else "sft"
+        if key not in self._file_ids:
+            data = preference_jsonl(n_examples) if dpo else training_jsonl(n_examples)
+            self._file_ids[key] = client.files.create(file=(f"{key}.jsonl", io.BytesIO(data)), purpose="fine-tune").id
+        hp = {"n_epochs": 1, "batch_size": batch_size}
+        method = {"type": "dpo", "dpo": {"hyperparameters": {**hp, "beta": 0.1}}} if dpo else None
         job = client.fine_tuning.jobs.create(
-            model=TINY_MODEL_ID, training_file=self._file_id, seed=seed, suffix="faults",
-            hyperparameters={"n_epochs": 1, "batch_size": batch_size},
+            model=TINY_MODEL_ID, training_file=self._file_ids[key], seed=seed, suffix="faults",
+            **({"method": method} if dpo else {"hyperparameters": hp}),
             extra_body={"qlora": {**JOB_QLORA, "max_steps": max_steps, **qlora}},
         )
         return str(job.id)

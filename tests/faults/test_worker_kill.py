@@ -193,6 +193,29 @@ def test_killed_worker_resumes_in_embedded_mode(tiny_model_dir: Path) -> None:
         count("kills_survived")
 
 
+def test_a_killed_dpo_job_resumes_exactly_with_its_reference_log_probs(fault_stack: Stack) -> None:
+    """The fault guarantees hold for DPO jobs: killed after a checkpoint, the job resumes from it on
+    another worker, keeps the reference log-probs the checkpoint holds (they are taken once, in the
+    first run only), and ends bitwise equal to an uninterrupted DPO run."""
+    stack = fault_stack
+    reference = reference_run(stack, MAX_STEPS, dpo=True, checkpoint_steps=CHECKPOINT_STEPS)
+    stack.start_worker("d1")
+    stack.start_worker("d2")
+    job_id = stack.create_job(max_steps=MAX_STEPS, dpo=True, checkpoint_steps=CHECKPOINT_STEPS)
+    _wait_checkpoint(stack, job_id, CHECKPOINT_STEPS)
+    victim, at = _kill_holder_at_step(stack, job_id, CHECKPOINT_STEPS + 2)
+    assert at >= CHECKPOINT_STEPS, at
+    stack.start_worker(victim.name)
+    job = assert_nothing_lost_nothing_twice(stack, job_id, MAX_STEPS, interruptions=1, reference=reference)
+    assert run_start_points(stack, job_id) == [0, at], stack.messages(job_id)
+    assert sum("reference log-probs" in m for m in stack.messages(job_id)) == 1  # not retaken on resume
+    metrics = [e.data for e in stack.events(job_id) if e.type == "metrics"]
+    assert all("rewards/accuracies" in m for m in metrics)
+    assert job.method.type == "dpo"
+    count("kills_survived")
+    stack.stop_workers()
+
+
 def test_redelivered_message_does_nothing_while_the_job_is_held(fault_stack: Stack) -> None:
     """Duplicate "run job X" messages, consumed by a second live worker while the first trains
     the job, are skipped: one run, one attempt, no second "started" event."""
