@@ -82,7 +82,22 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         stack.callback(_stop, proc)
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, {"serve": proc}, 180, log_tail=lambda: log.read_text(errors="replace")[-4000:])
+        _wait_for_worker(root / "data" / "qlora.db", log)  # the form's memory check needs its report
         yield Console(url, key, log)
+
+
+def _wait_for_worker(db: Path, log: Path, timeout_s: float = 180) -> None:
+    """Until `qlora serve`'s worker has registered its device (it starts a few seconds after the API)."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db) as conn:
+            if conn.execute("SELECT count(*) FROM workers WHERE device_memory_bytes IS NOT NULL").fetchone()[0]:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"qlora serve's worker never registered\n{log.read_text(errors='replace')[-4000:]}")
 
 
 @pytest.fixture(scope="module")

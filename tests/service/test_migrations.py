@@ -59,7 +59,7 @@ def _check(url: str) -> None:
     assert current_revision(url) is None
     upgrade(url)
     upgrade(url)  # idempotent
-    assert current_revision(url) == "0005"
+    assert current_revision(url) == "0006"
     tables = set(inspect(create_engine(url)).get_table_names())
     assert set(Base.metadata.tables) <= tables
     assert _diffs(url) == [], "models and migrations disagree: write a new revision"
