@@ -194,8 +194,11 @@ class Dispatcher(threading.Thread):
                                    .values(webhooks_emitted_at=t)).rowcount == 1
                 if not won:
                     continue  # another dispatcher announced it
+                # Only endpoints that existed when the job ended: one registered after it (while this
+                # dispatcher had not yet looked) must not hear of a job that ended before it existed.
                 endpoints = conn.execute(select(WebhookEndpoint.id, WebhookEndpoint.events).where(
-                    WebhookEndpoint.tenant_id == job.tenant_id, WebhookEndpoint.deleted_at.is_(None))).all()
+                    WebhookEndpoint.tenant_id == job.tenant_id, WebhookEndpoint.deleted_at.is_(None),
+                    WebhookEndpoint.created_at <= (job.finished_at or t))).all()
                 rows = []
                 event_id = "evt_" + secrets.token_hex(12)
                 body = json.dumps({"id": event_id, "object": "event", "created_at": job.finished_at or t,

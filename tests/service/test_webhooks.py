@@ -169,3 +169,19 @@ def test_payload_is_openais_event_shape(db) -> None:
         payload = json.loads(c.execute(select(WebhookDelivery.payload)).scalar_one())
     assert set(payload) == {"id", "object", "created_at", "type", "data"}
     assert payload["type"] == "fine_tuning.job.cancelled" and payload["data"] == {"id": job_id}
+
+
+def test_an_endpoint_registered_after_a_job_ended_does_not_hear_of_it(db) -> None:
+    """The outbox may look at a finished job only later; an endpoint made in between is not told of it."""
+    alice = _tenant(db, "alice")
+    ended = _job(db, alice)
+    _finish(db, ended, "succeeded")
+    with session_scope(db) as s:  # the job ended a minute before the endpoint existed
+        s.execute(update(Job).where(Job.id == ended).values(finished_at=now() - 60))
+    _endpoint(db, alice, "http://127.0.0.1:9/hook")
+    later = _job(db, alice)
+    _finish(db, later, "cancelled")
+    Dispatcher(get_engine(db), allow_insecure=True).emit()
+    with session_scope(db) as s:
+        jobs = [r.job_id for r in s.scalars(select(WebhookDelivery))]
+    assert jobs == [later]

@@ -69,8 +69,11 @@ export async function render(main, [jobId], signal) {
   function showConfig() {
     const entries = (obj) => Object.entries(obj || {}).map(([k, v]) =>
       [h("dt", {}, k), h("dd", {}, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v))]);
+    // The method's own hyperparameters (a DPO job's include beta; it has no top-level ones).
+    const method = job.method || { type: "supervised" };
+    const hp = (method[method.type] || {}).hyperparameters || job.hyperparameters;
     fill(config,
-      h("h3", {}, "Hyperparameters"), h("dl", { class: "kv" }, entries(job.hyperparameters)),
+      h("h3", {}, `Hyperparameters (${method.type})`), h("dl", { class: "kv" }, entries(hp)),
       h("h3", {}, "QLoRA options (resolved)"), h("dl", { class: "kv" }, entries(job.qlora)));
   }
 
