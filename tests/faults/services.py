@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from qlora_cli.probe import free_port
+from service.lifetime import owned_child_env
 
 START_TIMEOUT_S = 60.0
 # Figures the fault tests measured (e.g. requests tried); conftest prints them as key=value at the end.
@@ -324,12 +325,17 @@ S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "test
 
 def start_s3_server() -> S3Server:
     """Start `moto_server` (installed with the dev extras, so never skipped) and wait until it answers."""
-    script = Path(sys.executable).parent / "moto_server"
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
     for k, v in S3_CREDENTIALS.items():  # this process's clients (boto3 reads them from the environment)
         os.environ.setdefault(k, v)
     port = free_port()
+    # moto's server dies with this process even when it is SIGKILLed (no atexit runs then): it is
+    # started through `service.lifetime.adopt_from_env` (Note: owned children).
+    argv = [sys.executable, "-c", "from service.lifetime import adopt_from_env; adopt_from_env(); "
+            "from moto.server import main; main()"]
+    repo = str(Path(__file__).resolve().parents[2])
+    env = owned_child_env({**os.environ, **S3_CREDENTIALS,
+                           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))})
     server = S3Server("moto", [*argv, "-H", "127.0.0.1", "-p", str(port)], port, f"http://127.0.0.1:{port}",
-                      _workdir("qlora-s3-"), env={**os.environ, **S3_CREDENTIALS})
+                      _workdir("qlora-s3-"), env=env)
     server.start()
     return server
