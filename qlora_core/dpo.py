@@ -20,6 +20,7 @@ TRL's: `rewards/chosen` = beta * (log pi(y+) - log ref(y+)), `rewards/rejected` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qlora_core.data import DataStats, TokenizedExample, collate, tokenize_example
+from qlora_core.data import DataStats, TokenizedExample, collate, tokenize_example, tokenize_file
 from qlora_core.loss import IGNORE_INDEX, token_nll
-from qlora_core.validate import PREFERENCE_FORMAT, DatasetError, Problem, iter_examples, preference_pair
+from qlora_core.validate import (PREFERENCE_FORMAT, DatasetError, Problem, first_format, iter_examples,
+                                 preference_pair)
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +81,27 @@ def tokenize_pairs(tokenizer: Any, path: str | Path, max_seq_length: int,
 
 
 def is_preference_file(path: str | Path) -> bool:
-    """Whether the first example of a (validated) file is a preference pair."""
-    from qlora_core.validate import detect_format
+    """Whether the first example of a file is a preference pair (a file is all pairs or none: validate.py)."""
+    return first_format(path) == PREFERENCE_FORMAT
 
-    for _, obj in iter_examples(path):
-        return detect_format(obj) == PREFERENCE_FORMAT
-    return False
+
+class WrongMethod(ValueError):
+    """A file of preference pairs given to a supervised run."""
+
+
+def tokenize_for(tokenizer: Any, path: str | Path, config: Any) -> tuple[list[TokenizedExample], DataStats]:
+    """Tokenize a training or validation file for `config.method`: rows of pairs for DPO, else examples.
+
+    Raises:
+        DatasetError: the file does not validate, or (DPO) holds a supervised line (named).
+        WrongMethod: a supervised run was given preference pairs.
+        ValueError: nothing is left to train on.
+    """
+    if config.method == "dpo":  # rows [chosen_0, rejected_0, ...]
+        return tokenize_pairs(tokenizer, path, config.max_seq_length, overlong=config.overlong)
+    if is_preference_file(path):
+        raise WrongMethod(f"{Path(path).name} holds preference pairs: they train with method 'dpo'")
+    return tokenize_file(tokenizer, path, config.max_seq_length, config.train_on_inputs, overlong=config.overlong)
 
 
 def pair_lengths(rows: list[TokenizedExample]) -> list[int]:
@@ -177,7 +194,7 @@ def reference_logps(model: Any, rows: list[TokenizedExample], batches: Iterable[
     """
     out = torch.zeros(len(rows) // 2, 2, dtype=torch.float32)
     model.eval()
-    ctx = model.disable_adapter() if adapter_off else _null()
+    ctx = model.disable_adapter() if adapter_off else contextlib.nullcontext()
     try:
         with ctx:
             for pairs in batches:
@@ -206,10 +223,3 @@ def evaluate_pairs(model: Any, rows: list[TokenizedExample], batches: Iterable[l
         model.train()
     return window_metrics(window, prefix)
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

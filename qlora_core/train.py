@@ -233,12 +233,10 @@ def _run(
     is_dpo = config.method == "dpo"
 
     def tokenize(path: str | Path) -> tuple[list, Any]:
-        if is_dpo:  # rows [chosen_0, rejected_0, ...] (qlora_core/dpo.py)
-            return dpo.tokenize_pairs(tokenizer, path, config.max_seq_length, overlong=config.overlong)
-        if dpo.is_preference_file(path):
-            raise TrainingError(f"{Path(path).name} holds preference pairs: they train with method 'dpo'")
-        return data.tokenize_file(tokenizer, path, config.max_seq_length, config.train_on_inputs,
-                                  overlong=config.overlong)
+        try:
+            return dpo.tokenize_for(tokenizer, path, config)
+        except dpo.WrongMethod as exc:
+            raise TrainingError(str(exc)) from exc
 
     train_examples, stats = tokenize(train_file)
     _report_stats(cb, "training", stats, config.max_seq_length)

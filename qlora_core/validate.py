@@ -420,6 +420,15 @@ def validate_jsonl(path: str | Path, max_problems: int = 1000,
         return validate_lines(_iter_file_lines(fh, max_line_bytes), max_problems, max_line_bytes)
 
 
+def first_format(path: str | Path) -> str | None:
+    """The format of a file's first example, read without validating the rest of the file."""
+    with open(path, "rb") as fh:
+        for _, _, fmt, _ in _iter_parsed(_iter_file_lines(fh, MAX_LINE_BYTES)):
+            if fmt is not None:
+                return fmt
+    return None
+
+
 def iter_examples(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line_no, example) for every example of a file that validates.
 

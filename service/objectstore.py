@@ -43,7 +43,6 @@ from service.storage import ArtifactMissing, UnsafePath, resolve_under
 
 log = logging.getLogger(__name__)
 
-AREAS = ("files", "artifacts", "models")
 TREE_MANIFEST = ".qlora-tree.json"
 CHUNK = 1024 * 1024
 
@@ -224,9 +223,7 @@ class S3Storage(Storage):
             return self._client
 
     def key(self, area: str, rel: str) -> str:
-        self.local_path(area, rel)  # the same containment rules as on disk
-        if area not in AREAS:
-            raise ValueError(f"unknown storage area {area!r}")
+        self.local_path(area, rel)  # the same containment rules as on disk (and a known area)
         parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
         if not parts or ".." in parts:
             raise UnsafePath(f"not a stored path: {rel!r}")

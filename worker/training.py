@@ -53,6 +53,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
         JobFailed: out of memory, bad data, an unknown model.
         Exception: anything unexpected (the task records it as `internal_error`).
     """
+    from qlora_core.checkpoint import list_checkpoints
     from qlora_core.config import TrainConfig
     from qlora_core.store import ModelStore
     from service.objectstore import model_remote
@@ -75,10 +76,10 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     out_dir = job_output_dir(settings, job.id)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = get_storage(settings)
-    restored = restore_last_checkpoint(engine, storage, job.id, out_dir)
-    init_adapter = _init_adapter(engine, storage, job, restored is not None or any(out_dir.glob("checkpoints/step-*")))
+    restore_last_checkpoint(engine, storage, job.id, out_dir)
+    init_adapter = _init_adapter(storage, job, has_checkpoint=bool(list_checkpoints(out_dir)))
     callback = DbCallback(engine, job.id, ft_name, job.tenant_id, Path(settings.artifacts_dir), lease, deadline,
-                          storage=storage if storage.remote else None)
+                          storage=storage)
     config = TrainConfig.from_dict(job.config)
     cuda_oom = _cuda_oom()
     try:
@@ -139,7 +140,7 @@ def train_job(engine: Engine, settings: Settings, job: Any, owner: str, lease: A
     return "succeeded" if published else "lease_lost"
 
 
-def _init_adapter(engine: Engine, storage: Any, job: Any, has_checkpoint: bool) -> Path | None:
+def _init_adapter(storage: Any, job: Any, has_checkpoint: bool) -> Path | None:
     """The adapter of the fine-tuned model the job continues, on this host (None for a job on a base model).
 
     A job that already has a checkpoint resumes from it and no longer needs the starting adapter.

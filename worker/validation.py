@@ -85,7 +85,6 @@ def validate_job_files(engine: Engine, settings: Settings, job: Any, emit: Calla
             )
         paths[param] = path
 
-    from qlora_core.data import tokenize_file
     from qlora_core.models import load_tokenizer
     from qlora_core.store import ModelStore
     from service.objectstore import model_remote
@@ -94,27 +93,17 @@ def validate_job_files(engine: Engine, settings: Settings, job: Any, emit: Calla
         model_dir = ModelStore(settings.models_dir, remote=model_remote(settings)).model_path(job.model)
     except KeyError:
         raise JobFailed("model_not_found", f"Model {job.model} is not in the model store", "model") from None
-    from qlora_core.dpo import is_preference_file, tokenize_pairs
-    from qlora_core.validate import DatasetError
+    from qlora_core.dpo import tokenize_for
 
     tokenizer = load_tokenizer(model_dir)
-    is_dpo = config.method == "dpo"
     for param, path in paths.items():
         name = param.replace("_", " ")
-        if is_preference_file(path) != is_dpo:  # the API refuses these; a file cannot change since
-            need = "preference pairs (method 'dpo')" if is_dpo else "supervised examples (method 'supervised')"
-            raise JobFailed("invalid_training_file", f"The {name} does not hold {need}", param)
-        try:
-            if is_dpo:
-                _, stats = tokenize_pairs(tokenizer, path, config.max_seq_length, overlong=config.overlong)
-            else:
-                _, stats = tokenize_file(
-                    tokenizer, path, config.max_seq_length, config.train_on_inputs, overlong=config.overlong
-                )
-        except (DatasetError, ValueError) as e:
+        try:  # the file must suit the method; the API refuses a mismatch, and a file cannot change since
+            _, stats = tokenize_for(tokenizer, path, config)
+        except ValueError as e:  # DatasetError, WrongMethod, nothing left
             raise JobFailed("invalid_training_file", f"The {name} cannot be trained on: {str(e)[:300]}", param) from e
         kept = stats.n_examples - stats.n_dropped if config.overlong == "drop" else stats.n_examples
-        unit = "preference pairs" if is_dpo else "examples"
+        unit = "preference pairs" if config.method == "dpo" else "examples"
         emit(
             f"Validated {name}: {stats.n_examples} {unit}, {stats.n_tokens} tokens "
             f"({stats.n_supervised_tokens} trained on)"

@@ -66,7 +66,7 @@ def _adapter(settings: Settings, key: str, rel: str, name: str) -> dict[str, str
     """
     try:
         storage = get_storage(settings)
-        found = all(storage.exists("artifacts", f"{rel}/{name}") for name in ADAPTER_FILES)
+        found = all(storage.exists("artifacts", f"{rel}/{file}") for file in ADAPTER_FILES)
     except UnsafePath:
         found = False
     if not found:
