@@ -104,13 +104,14 @@ def shape_data(shape: Shape) -> tuple[list[dict], list[dict]]:
 
 
 def side_argv(side: str, shape: Shape, r: int, dtype: str | None, model_dir: Path, train_file: Path,
-              run_dir: Path, seed: int, ours_set: list[str] = ()) -> list[str]:
+              run_dir: Path, seed: int, ours_set: list[str] = (), epochs: int = 1) -> list[str]:
     """One run's command line. `dtype` None: the side's own default; `ours_set`: FIELD=VALUE for our side."""
     shared = ["--model-dir", str(model_dir), "--train-file", str(train_file), "--output-dir", str(run_dir),
               "--result-json", str(run_dir / "result.json"), "--batch-size", str(shape.batch_size),
-              "--grad-accum", str(shape.grad_accum), "--max-len", str(shape.max_len), "--seed", str(seed)]  # fmt: skip
+              "--grad-accum", str(shape.grad_accum), "--max-len", str(shape.max_len), "--seed", str(seed),
+              "--epochs", str(epochs)]  # fmt: skip
     if side == "reference":
-        steps = math.ceil(shape.n_train / (shape.batch_size * shape.grad_accum))  # one pass, as ours
+        steps = epochs * math.ceil(shape.n_train / (shape.batch_size * shape.grad_accum))  # the passes ours makes
         extra = ["--dtype", dtype] if dtype else []
         return [str(BENCH_DIR / "reference_recipe.py"), *shared, "--steps", str(steps), "--lora-r", str(r), *extra]
     extra = ["--set", f"compute_dtype={dtype}"] if dtype else []
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
     parser.add_argument("--tables", default="defaults,float32", help="defaults and/or float32")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over each shape's examples")
     parser.add_argument("--emulate-avx2", action="store_true", help="cap torch/oneDNN/MKL at AVX2 (bf16 emulated)")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: a temp dir, removed)")
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(run_dir, ignore_errors=True)
                     run_dir.mkdir(parents=True)
                     argv_ = side_argv(side, shape, r, dtype, model_dir, train_file, run_dir, args.seed,
-                                      args.ours_set)
+                                      args.ours_set, args.epochs)
                     child = run_child(side, argv_, run_dir / "result.json", run_dir / "log.txt")
                     runs[(table, shape.name, r, side)] = child
                     res = child.result

@@ -45,6 +45,7 @@ def add_side_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, default=4)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the examples (the reference: --steps)")
 
 
 def load_gsm8k_chats(n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         gradient_accumulation_steps=args.grad_accum,
         max_seq_length=args.max_len,
         seed=args.seed,
-        n_epochs=1,  # one pass over the same examples as the reference
+        n_epochs=args.epochs,  # the same passes over the same examples as the reference
         **overrides,
     )
     timer = _Timer()

@@ -60,7 +60,8 @@ def make_plan(lengths: list[int], config: TrainConfig, has_valid: bool) -> RunPl
     from qlora_core import data
 
     def epoch_plan(epoch: int) -> list[list[list[int]]]:
-        return data.plan_batches(lengths, config.batch_size, config.max_seq_length, config.packing, config.seed, epoch)
+        return data.plan_batches(lengths, config.batch_size, config.max_seq_length, config.packing, config.seed, epoch,
+                                 config.gradient_accumulation_steps)
 
     ga = config.gradient_accumulation_steps
     epochs: list[list[list[list[int]]]] = []

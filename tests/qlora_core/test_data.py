@@ -176,6 +176,25 @@ def test_packing_fills_rows_and_beats_padding() -> None:
     assert batch_stats(examples, padded)["padded_tokens"] < batch_stats(examples, unsorted)["padded_tokens"]
 
 
+def test_group_by_length_keeps_each_step_a_random_sample() -> None:
+    """A small set's step is one mega-batch (See Note: length groups of whole steps).
+
+    96 examples of two kinds, 8 per micro-batch and 2 per step: each step must mix both kinds (a
+    run of one kind per step biased every gradient and cost the `short` grid cell 10 % of eval
+    loss), while its two micro-batches are split by length, so padding stays low.
+    """
+    lengths = [6 if i % 2 else 60 for i in range(96)]
+    for epoch in range(3):
+        plan = plan_batches(lengths, 8, 64, False, seed=7, epoch=epoch, grad_accum=2)
+        steps = [plan[k] + plan[k + 1] for k in range(0, len(plan), 2)]
+        assert all({lengths[i] for row in step for i in row} == {6, 60} for step in steps)
+        for a, b in zip(plan[0::2], plan[1::2]):  # the longer examples of a step go in its first micro-batch
+            assert min(lengths[row[0]] for row in a) >= max(lengths[row[0]] for row in b)
+    ragged = [5, 9, 200, 7, 8, 6, 12, 3] * 8
+    first_step = plan_batches(ragged, 4, 256, False, seed=3, epoch=1, grad_accum=2)[:2]
+    assert 200 in {ragged[row[0]] for batch in first_step for row in batch}  # a run that cannot fit fails at once
+
+
 def test_plan_refuses_an_example_longer_than_a_row() -> None:
     with pytest.raises(ValueError, match="example 1 has 65 tokens"):
         plan_batches([3, 65], 2, 64, True, seed=0, epoch=0)
