@@ -6,7 +6,11 @@ extraction task like a classification or extraction set: the first number of a c
 their solutions in one chat); each at `lora_r` 8 and 64 (alpha 16 on both sides). Each cell trains
 about the same number of tokens on both sides (same examples, batch, accumulation, max length,
 seed, one pass), in fresh processes, alternated (reference, ours); the adapters are scored by one
-evaluation function per shape on held-out examples, in the host's native dtype.
+evaluation function per shape on held-out examples, in the host's native dtype. Ours trains on the
+micro-batches the reference recorded, in its order (bench/engine_side.py, Note: shared batch
+order), so that the eval loss delta is the engines' arithmetic and not two samplers' luck; with
+`--own-order` each side draws its own (the same algorithm, transformers' length grouping, with
+different random streams).
 
 Two tables:
   1. each side with its own defaults: the reference as the QLoRA repository prescribes it (its
@@ -104,12 +108,15 @@ def shape_data(shape: Shape) -> tuple[list[dict], list[dict]]:
 
 
 def side_argv(side: str, shape: Shape, r: int, dtype: str | None, model_dir: Path, train_file: Path,
-              run_dir: Path, seed: int, ours_set: list[str] = (), epochs: int = 1) -> list[str]:
+              run_dir: Path, seed: int, ours_set: list[str] = (), epochs: int = 1,
+              order_file: Path | None = None) -> list[str]:
     """One run's command line. `dtype` None: the side's own default; `ours_set`: FIELD=VALUE for our side."""
     shared = ["--model-dir", str(model_dir), "--train-file", str(train_file), "--output-dir", str(run_dir),
               "--result-json", str(run_dir / "result.json"), "--batch-size", str(shape.batch_size),
               "--grad-accum", str(shape.grad_accum), "--max-len", str(shape.max_len), "--seed", str(seed),
               "--epochs", str(epochs)]  # fmt: skip
+    if order_file is not None:  # the reference writes it, ours reads it (See Note: shared batch order)
+        shared += ["--batch-order", str(order_file)]
     if side == "reference":
         steps = epochs * math.ceil(shape.n_train / (shape.batch_size * shape.grad_accum))  # the passes ours makes
         extra = ["--dtype", dtype] if dtype else []
@@ -127,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", default="defaults,float32", help="defaults and/or float32")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--epochs", type=int, default=1, help="passes over each shape's examples")
+    parser.add_argument("--own-order", action="store_true",
+                        help="each side draws its own batch order (default: ours trains on the reference's recorded "
+                             "micro-batches, so the eval delta measures the engines, not two random orders)")
     parser.add_argument("--emulate-avx2", action="store_true", help="cap torch/oneDNN/MKL at AVX2 (bf16 emulated)")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: a temp dir, removed)")
@@ -164,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(run_dir, ignore_errors=True)
                     run_dir.mkdir(parents=True)
                     argv_ = side_argv(side, shape, r, dtype, model_dir, train_file, run_dir, args.seed,
-                                      args.ours_set, args.epochs)
+                                      args.ours_set, args.epochs,
+                                      work / shape.name / f"{table}-r{r}-order.json" if not args.own_order else None)
                     child = run_child(side, argv_, run_dir / "result.json", run_dir / "log.txt")
                     runs[(table, shape.name, r, side)] = child
                     res = child.result

@@ -46,6 +46,9 @@ def add_side_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--epochs", type=int, default=1, help="passes over the examples (the reference: --steps)")
+    parser.add_argument("--batch-order", type=Path, default=None,
+                        help="the reference writes the micro-batches it trained on here (example indices, JSON); "
+                             "our side trains on the micro-batches read from it (See Note: shared batch order)")
 
 
 def load_gsm8k_chats(n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:

@@ -19,6 +19,7 @@ import os
 import resource
 import time
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,6 +101,30 @@ def _collate_with_attention_mask() -> None:
     data.collate = collate
 
 
+def _replay_batch_order(path: Path, batch_size: int) -> None:
+    """Make the engine train on the micro-batches the reference recorded (an experiment).
+
+    # Note: shared batch order. After a few steps on a small set, eval loss depends as much on
+    # which examples made each step as on the engine: two correct samplers with different random
+    # streams end several percent apart. Trained on the reference's own micro-batches, in its
+    # order, the two sides differ only in their arithmetic, which is what the grid's `--shared-order`
+    # measures. The recorded list spans every epoch; each epoch is ceil(n / batch_size) of it.
+    """
+    from qlora_core import data
+
+    recorded = json.loads(path.read_text())
+    plain = data.plan_batches
+
+    def plan_batches(lengths, batch_size_, max_seq_length, packing, seed, epoch, grad_accum=1):  # noqa: ANN001, ANN202
+        per_epoch = -(-len(lengths) // batch_size)
+        batches = recorded[epoch * per_epoch : (epoch + 1) * per_epoch]
+        if packing or batch_size_ != batch_size or grad_accum == 1 or sorted(i for b in batches for i in b) != list(range(len(lengths))):
+            return plain(lengths, batch_size_, max_seq_length, packing, seed, epoch, grad_accum)
+        return [[[i] for i in batch] for batch in batches]
+
+    data.plan_batches = plan_batches
+
+
 def main(argv: list[str] | None = None) -> int:
     adopt_from_env()  # started by run_all or a harness: die with it (See Note: owned children)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.attention_mask:
         _collate_with_attention_mask()
+    if args.batch_order is not None:
+        _replay_batch_order(args.batch_order, args.batch_size)
 
     overrides = parse_overrides(args.set)
     config = TrainConfig(

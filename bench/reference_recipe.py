@@ -88,14 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     model = build_model(args.model_dir, lora_r=args.lora_r, lora_alpha=16, lora_dropout=0.0, dtype=args.dtype)
     features = []
-    for chat in read_jsonl(args.train_file):
+    for i, chat in enumerate(read_jsonl(args.train_file)):
         ids, labels = tokenize_chat(tokenizer, chat["messages"], args.max_len)
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "row": i})
     n_supervised = sum(sum(1 for t in f["labels"] if t != IGNORE_INDEX) for f in features)
     # Note: padding mask. qlora.py's collator derives attention_mask from `input_ids != pad`,
     # which for SmolLM2 (pad == eos == <|im_end|>) would also hide every end-of-turn token of
     # the chat template; DataCollatorForSeq2Seq pads per batch the same way but masks by length.
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    pad_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    order: list[list[int]] = []  # the micro-batches, as example indices, in the order trained
+
+    def collator(batch: list[dict]) -> dict:
+        order.append([f["row"] for f in batch])
+        return pad_collator([{k: v for k, v in f.items() if k != "row"} for f in batch])
+
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "trainer"),
         per_device_train_batch_size=args.batch_size,
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     out = trainer.train()
     train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - c1
 
+    if args.batch_order is not None:
+        args.batch_order.write_text(json.dumps(order))
     adapter_dir = args.output_dir / "adapter"
     model.save_pretrained(adapter_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

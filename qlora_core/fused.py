@@ -15,13 +15,15 @@ measured with `torch.autograd.graph.saved_tensors_hooks`), one block keeps ~29 K
   elementwise op away from gate, and the down projection keeps silu(gate) * up (3 KB), one more.
 
 The functions below keep only the input (shared with whatever else uses it) and what is costly
-to recompute, and redo the cheap elementwise parts in backward: 14.4 KB per token per block,
-measured, and none of the cast copies. Each adapted projection is one autograd node
+to recompute, and redo the cheap elementwise parts in backward: 14.4 KB per token per block
+(r=64), measured, and none of the cast copies; 16.7 KB since the residual stream they carry is
+fp32 (See Note: the update summed in fp32). Each adapted projection is one autograd node
 (`LoraLinear`, See Note: one node per adapted projection), and the MLP's product and down
 projection another (`SwiGLUDown`). Their forwards run the same ops in the same order as the
 modules they replace, except that LoRA's scaling multiplies B rather than the output (See Note:
-scaling folded into B; exact for power-of-two alpha/r, the default) and that the LoRA update is
-accumulated into the base output, one rounding instead of two (PEFT's own order is kept without
+scaling folded into B; exact for power-of-two alpha/r, the default) and that under 16-bit compute
+the LoRA update is added to the base output in fp32, which makes the residual stream fp32 as the
+reference recipe's is (See Note: the update summed in fp32; PEFT's own order is kept without
 autograd); backward is the same math, with sums in a different order
 (tests/qlora_core/test_fused.py). The idea is the one Unsloth's hand-written LoRA/MLP backward
 passes use; these are plain torch ops, so they run wherever the model runs (CPU, CUDA).
@@ -90,12 +92,32 @@ class LoraLinear(torch.autograd.Function):
     # Note: one node per adapted projection. With PEFT the base layer (bitsandbytes' MatMul4Bit)
     # and the LoRA branch are two nodes: forward adds their (M, N) outputs, and backward adds
     # their two (M, K) input gradients; on a CPU each of those bf16 adds of a freshly allocated
-    # tensor costs as much as a small matmul. Here the LoRA update is accumulated into the base
-    # output by the second matmul itself (`addmm_`, beta=1), and the input gradient of the LoRA
-    # branch into the base's (g @ W, then `addmm_`). The sum is rounded once instead of twice,
-    # so training outputs are within one rounding of PEFT's, not bitwise; `_lora_forward` keeps
-    # PEFT's order without autograd (evaluation, generation), where a user compares logits.
-    # The base weight is dequantized again in backward, as bitsandbytes' own backward does.
+    # tensor costs as much as a small matmul. Here the input gradient of the LoRA branch is
+    # accumulated into the base's by the second matmul itself (g @ W, then `addmm_`, beta=1), and
+    # in fp32 so is the LoRA update into the base output. Training outputs are therefore within
+    # one rounding of PEFT's, not bitwise; `_lora_forward` keeps PEFT's order without autograd
+    # (evaluation, generation), where a user compares logits. The base weight is dequantized
+    # again in backward, as bitsandbytes' own backward does.
+    #
+    # Note: the update summed in fp32. Under bf16 (or fp16) compute, each adapted projection
+    # returns base(x) + update in fp32, not rounded to the compute dtype. Early in training the
+    # update is ~1e-3 of the base output, below bf16's half-ulp (2^-9 relative), and rounding
+    # base + update to bf16 (PEFT's sum of two bf16 tensors does too) keeps it only as noise.
+    # The reference recipe never rounds that sum: `prepare_model_for_kbit_training` makes the
+    # norms fp32, so every projection's input is fp32, bitsandbytes returns its input's dtype,
+    # and PEFT adds the bf16 update to that fp32 output. Measured on the grid's `short` cell
+    # (bf16, both sides fed the same micro-batches, `bench/bench_grid.py --shared-order`): with
+    # bf16 sums our step losses went 7.38 6.26 7.12 6.60 6.78 5.03 where the reference's went
+    # 7.37 5.86 6.38 5.70 5.93 4.06, as if every update were half lost; with fp32 sums they go
+    # 7.38 5.76 6.23 5.55 5.78 3.91 (fp32 compute: 7.34 5.64 6.11 5.45 5.68 3.83). Most of it is
+    # the MLP (gate and up: their product is rounded once instead of four times), the rest the
+    # residual stream, which o_proj's and down_proj's fp32 outputs turn fp32 from the first
+    # block on (`hidden + fp32` promotes); RMSNormFn then normalizes it into the 16-bit compute
+    # dtype, so every matmul still runs in bf16. Only what backward keeps is 16-bit (SwiGLUDown's
+    # gate and up; backward precision did not move the losses there), so activation memory grows
+    # only by the fp32 residual: what each RMSNormFn keeps, and a checkpointed block's input.
+    # (Keeping RMSNormFn's input in bf16 too saved those 2.3 KB per token per block on SmolLM2
+    # but cost eval loss: the `short` r=64 cell went from 0.5 % to 1.7 % off the reference.)
     """
 
     @staticmethod
@@ -120,10 +142,10 @@ def _lora_linear(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor
     xc = x.to(dtype)  # (..., K); no copy when x is already in the compute dtype
     xa = xc @ weight_a.to(dtype).t()  # (..., r)
     b_scaled = _scaled(weight_b, scaling, dtype)  # (N, r)
-    if out.dtype == dtype and out.is_contiguous():
+    if dtype == torch.float32 and out.dtype == dtype and out.is_contiguous():
         out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())
-    else:  # an fp32 residual stream under bf16 compute: add in the output's dtype
-        out = out + (xa @ b_scaled.t()).to(out.dtype)
+    else:  # See Note: the update summed in fp32
+        out = out.to(torch.float32).add_(xa @ b_scaled.t())
     return out, xc, xa
 
 
@@ -164,7 +186,9 @@ class SwiGLUDown(torch.autograd.Function):
                 base_layer: torch.nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
         h = F.silu(gate) * up  # (..., I)
         out, _, xa = _lora_linear(h, weight_a, weight_b, base_layer, scaling, dtype)
-        ctx.save_for_backward(gate, up, xa, weight_a, weight_b)
+        # fp32 under 16-bit compute (See Note: the update summed in fp32); backward only needs them
+        # at the compute dtype's precision, so that is what is kept.
+        ctx.save_for_backward(gate.to(dtype), up.to(dtype), xa, weight_a, weight_b)
         ctx.base_layer, ctx.scaling, ctx.x_dtype, ctx.dtype = base_layer, scaling, h.dtype, dtype
         return out
 
@@ -216,7 +240,8 @@ class RMSNormFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.to(torch.float32)  # (..., H)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        xhat = (xf * rstd).to(x.dtype)
+        ctx.out_dtype = _norm_out_dtype(x, weight)
+        xhat = (xf * rstd).to(ctx.out_dtype)
         ctx.save_for_backward(x, rstd, weight)
         return weight * xhat
 
@@ -226,12 +251,23 @@ class RMSNormFn(torch.autograd.Function):
         xhat = x.to(torch.float32) * rstd  # (..., H)
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            grad_weight = (grad_out * xhat.to(ctx.out_dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             g = (grad_out * weight).to(torch.float32)  # (..., H), as autograd of `weight * xhat` gives
             grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
         return grad_x, grad_weight, None
+
+
+def _norm_out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """x's dtype, except that an fp32 residual stream is normalized into the 16-bit weights' dtype.
+
+    (Llama's own `weight * x_hat.to(x.dtype)` would promote to fp32; the next matmul wants the
+    compute dtype, See Note: the update summed in fp32.)
+    """
+    if x.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16):
+        return weight.dtype
+    return x.dtype
 
 
 class SwiGLUFn(torch.autograd.Function):

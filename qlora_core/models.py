@@ -121,7 +121,9 @@ def add_lora(
     RMSNorm already computes its statistics in fp32 internally. So we keep all frozen weights
     in the compute dtype and make only the trainable LoRA A/B matrices fp32, so that small
     AdamW updates are not rounded away in bf16; PEFT casts a layer's input to the adapter's
-    dtype and the result back.
+    dtype and the result back. The residual stream does end up fp32 under 16-bit compute, but
+    from the fused layers' fp32 sums, not from fp32 weights (qlora_core/fused.py, Note: the
+    update summed in fp32), and only where it must: what backward keeps stays 16-bit.
 
     Args:
         model: A model from `load_quantized_model`.

@@ -226,7 +226,7 @@ def estimate_training_memory(
       optimizer   P_lora * 8 (AdamW 32-bit m, v) or ~2 bytes (8-bit)
       activations what autograd keeps per token per layer (q = heads*head_dim), with the
                   lean layers of qlora_core.fused (fused_layers, the default):
-                  2 RMSNorms: their c-byte input                          2*c*h
+                  2 RMSNorms: their input, the fp32 residual stream       2*4*h
                   LoRA: the shared inputs of q/k/v and gate/up and the
                   r-wide A outputs (o's input is SDPA's output)           2*c*h + sum_targets c*r
                   q, k, v after RoPE and the output kept by SDPA          c*(2q + 2kv)
@@ -238,7 +238,8 @@ def estimate_training_memory(
                   q, k before RoPE; q, k, v after it and the output
                   kept by SDPA                                           c*(3q + 3kv)
                   MLP: gate, up, act(gate), act*up                       4*i*c
-                  With gradient checkpointing only each layer's input (c*h) is kept, plus one
+                  With gradient checkpointing only each layer's input (residual bytes * h: 4
+                  with the fused layers, which sum LoRA updates in fp32, else c) is kept, plus one
                   layer's full set while it is recomputed in backward. Either way, the layer
                   running backward adds about two more sets: the gradients of its activations
                   and the temporaries its forward freed (projections before RoPE, base outputs
@@ -301,7 +302,8 @@ def estimate_training_memory(
         checkpoint_fraction = auto_checkpoint_fraction(config_json, lora_r, compute_dtype, target_modules, fused_layers)
     n_checkpointed = round(checkpoint_fraction * n_layers) if gradient_checkpointing else 0
     # A checkpointed layer keeps only its (B, T, h) input, plus one layer's worth while it recomputes.
-    activations = tokens * (n_checkpointed * h * c + (n_layers - n_checkpointed) * per_token_layer)
+    activations = tokens * (n_checkpointed * h * residual_bytes(c, fused_layers)
+                            + (n_layers - n_checkpointed) * per_token_layer)  # fmt: skip
     if n_checkpointed:
         activations += tokens * per_token_layer
     activations += 2 * tokens * per_token_layer  # the backward workspace of one layer
@@ -319,6 +321,12 @@ def estimate_training_memory(
     return {"total_bytes": sum(parts.values()), **parts, "n_lora_params": int(n_lora)}
 
 
+def residual_bytes(c: int, fused_layers: bool) -> int:
+    """Bytes per element of the residual stream between blocks: fp32 with the fused layers
+    (qlora_core/fused.py, Note: the update summed in fp32), else the compute dtype's."""
+    return 4 if fused_layers else c
+
+
 def _activation_bytes_per_token_layer(
     config_json: dict, lora_r: int, c: int, targets: list[str], fused_layers: bool
 ) -> int:
@@ -327,9 +335,9 @@ def _activation_bytes_per_token_layer(
     shapes = linear_shapes(config_json)
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
-    if fused_layers:  # measured on SmolLM2 with saved_tensors_hooks: 14.4 KB/token/layer, as this says
+    if fused_layers:  # measured on SmolLM2 in bf16 with saved_tensors_hooks: 15.9 (r=8) and 16.7 (r=64) KB/token/layer, as this says
         return (
-            2 * c * h  # (B, T, h) norm inputs
+            2 * 4 * h  # (B, T, h) norm inputs: the fp32 residual stream (qlora_core/fused.py)
             + 2 * c * h + sum(c * lora_r for _ in targets)  # the two normed inputs, (B, T, r) per LoRA
             + c * (2 * q + 2 * kv)  # attention
             + 2 * i * c  # (B, T, i) gate and up
@@ -359,7 +367,8 @@ def auto_checkpoint_fraction(
     # costs its activations minus the input a checkpointed block keeps) and checkpoint the rest.
     # The choice depends only on the model's shape, not on batch or length (both sides scale with
     # tokens), so it is the same for every run of a model: on SmolLM2 (V = 49,152, width 576)
-    # 12 of 30 blocks stay checkpointed; on a Llama-7B shape (V = 32,000, width 4096) 31 of 32.
+    # 13 (r=8) or 14 (r=64) of 30 blocks stay checkpointed (11 and 12 before the fused layers
+    # carried an fp32 residual stream); on a Llama-7B shape (V = 32,000, width 4096) 31 of 32.
     # A head with LoRA on it takes the full-logits path and frees nothing: everything is checkpointed.
     #
     # Note: checkpointing in fp32. Our blocks' activations double in fp32, and the half-spend rule
@@ -385,6 +394,6 @@ def auto_checkpoint_fraction(
     else:
         freed, spent = cfg["vocab_size"] * (c + 4 + 4), 0.5
     known = [t for t in targets if t in linear_shapes(config_json)]
-    per_layer = _activation_bytes_per_token_layer(config_json, lora_r, c, known, fused_layers) - c * h
+    per_layer = _activation_bytes_per_token_layer(config_json, lora_r, c, known, fused_layers) - residual_bytes(c, fused_layers) * h
     n_free = min(n_layers, int(spent * freed // max(per_layer, 1)))
     return (n_layers - n_free) / n_layers

@@ -134,7 +134,7 @@ def test_estimate_moves_the_way_training_does() -> None:
         return estimate_training_memory(SMOL_CONFIG, **{**args, **kw})
 
     base = est()
-    assert est(gradient_checkpointing=False)["activation_bytes"] > 5 * base["activation_bytes"]
+    assert est(gradient_checkpointing=False)["activation_bytes"] > 4 * base["activation_bytes"]
     assert est(batch_size=8)["activation_bytes"] == 2 * base["activation_bytes"]
     assert est(optimizer="adamw_8bit")["optimizer_bytes"] < base["optimizer_bytes"] / 3
     assert est(double_quant=False)["base_bytes"] > base["base_bytes"]
@@ -226,10 +226,10 @@ def test_auto_checkpointing_spends_only_what_the_chunked_loss_frees() -> None:
     """See Note: memory-neutral checkpointing: a big vocabulary on a narrow model frees a lot; a 7B little."""
     from qlora_core.quant import auto_checkpoint_fraction
 
-    assert auto_checkpoint_fraction(SMOL_CONFIG, 64) == 12 / 30
+    assert auto_checkpoint_fraction(SMOL_CONFIG, 64) == 14 / 30  # 12 before the residual stream went fp32 (qlora_core/fused.py)
     assert auto_checkpoint_fraction(LLAMA_7B_CONFIG, 64) == 31 / 32
     # the stock layers keep more per block, so fewer blocks skip the recompute
-    assert 12 / 30 < auto_checkpoint_fraction(SMOL_CONFIG, 64, fused_layers=False) < 1.0
+    assert 14 / 30 < auto_checkpoint_fraction(SMOL_CONFIG, 64, fused_layers=False) < 1.0
     # and what they keep never exceeds half of the logits memory the reference recipe would hold
     for config in (SMOL_CONFIG, LLAMA_7B_CONFIG):
         full = estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=1.0)
