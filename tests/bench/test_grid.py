@@ -51,3 +51,34 @@ def test_ours_set_reaches_only_our_side(tmp_path):
                      ["checkpoint_fraction=0"])
     assert "checkpoint_fraction=0" in ours and ours[ours.index("checkpoint_fraction=0") - 1] == "--set"
     assert not any("checkpoint_fraction" in a for a in ref)
+
+
+def test_the_reference_s_batch_order_reaches_both_sides(tmp_path):
+    shape = SHAPES["short"]
+    order = tmp_path / "order.json"
+    for side in ("reference", "engine"):
+        argv = side_argv(side, shape, 8, None, tmp_path, tmp_path / "t.jsonl", tmp_path / side, 42, order_file=order)
+        assert argv[argv.index("--batch-order") + 1] == str(order)  # the reference writes it, ours reads it
+    assert "--batch-order" not in side_argv("engine", shape, 8, None, tmp_path, tmp_path / "t.jsonl", tmp_path / "o", 42)
+
+
+def test_our_side_trains_on_the_recorded_micro_batches(tmp_path, monkeypatch):
+    """See Note: shared batch order: ours takes the reference's micro-batches, epoch by epoch, in order."""
+    import json
+
+    from bench.engine_side import _replay_batch_order
+    from qlora_core import data
+    from qlora_core.config import TrainConfig
+    from qlora_core.plan import make_plan
+
+    monkeypatch.setattr(data, "plan_batches", data.plan_batches)  # undone after the test
+    recorded = [[3, 0], [4, 1], [2], [1, 2], [0, 4], [3]]  # 5 examples, batch 2, two epochs
+    (tmp_path / "order.json").write_text(json.dumps(recorded))
+    _replay_batch_order(tmp_path / "order.json", batch_size=2)
+    config = TrainConfig(batch_size=2, gradient_accumulation_steps=2, n_epochs=2, max_seq_length=64)
+    plan = make_plan([10, 20, 30, 40, 50], config, has_valid=False)
+    assert plan.epoch_batches == [[[[i] for i in b] for b in recorded[:3]], [[[i] for i in b] for b in recorded[3:]]]
+    assert plan.total_steps == 4
+    # anything that is not the recorded run (another set, packing) keeps the engine's own planner
+    other = make_plan([10, 20, 30], config, has_valid=False)
+    assert sorted(i for b in other.epoch_batches[0] for row in b for i in row) == [0, 1, 2]
