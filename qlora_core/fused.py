@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 # RMSNorm classes whose forward is exactly Llama's: fp32 statistics, `weight * x_hat.to(dtype)`.
 # (Gemma's uses `1 + weight` and is not in this list.)
 _RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# Projections whose outputs only feed attention, which rounds them to the compute dtype anyway:
+# their LoRA update is summed in that dtype (See Note: the update summed in fp32).
+_ATTENTION_INPUTS = frozenset({"q_proj", "k_proj", "v_proj"})
 # MLP classes computing `down(act(gate(x)) * up(x))`; fused only when the activation is SiLU.
 _SWIGLU_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 
@@ -99,31 +102,37 @@ class LoraLinear(torch.autograd.Function):
     # (evaluation, generation), where a user compares logits. The base weight is dequantized
     # again in backward, as bitsandbytes' own backward does.
     #
-    # Note: the update summed in fp32. Under bf16 (or fp16) compute, each adapted projection
-    # returns base(x) + update in fp32, not rounded to the compute dtype. Early in training the
-    # update is ~1e-3 of the base output, below bf16's half-ulp (2^-9 relative), and rounding
-    # base + update to bf16 (PEFT's sum of two bf16 tensors does too) keeps it only as noise.
-    # The reference recipe never rounds that sum: `prepare_model_for_kbit_training` makes the
-    # norms fp32, so every projection's input is fp32, bitsandbytes returns its input's dtype,
-    # and PEFT adds the bf16 update to that fp32 output. Measured on the grid's `short` cell
-    # (bf16, both sides fed the same micro-batches, `bench/bench_grid.py --shared-order`): with
-    # bf16 sums our step losses went 7.38 6.26 7.12 6.60 6.78 5.03 where the reference's went
-    # 7.37 5.86 6.38 5.70 5.93 4.06, as if every update were half lost; with fp32 sums they go
-    # 7.38 5.76 6.23 5.55 5.78 3.91 (fp32 compute: 7.34 5.64 6.11 5.45 5.68 3.83). Most of it is
-    # the MLP (gate and up: their product is rounded once instead of four times), the rest the
-    # residual stream, which o_proj's and down_proj's fp32 outputs turn fp32 from the first
-    # block on (`hidden + fp32` promotes); RMSNormFn then normalizes it into the 16-bit compute
-    # dtype, so every matmul still runs in bf16. Only what backward keeps is 16-bit (SwiGLUDown's
-    # gate and up; backward precision did not move the losses there), so activation memory grows
-    # only by the fp32 residual: what each RMSNormFn keeps, and a checkpointed block's input.
-    # (Keeping RMSNormFn's input in bf16 too saved those 2.3 KB per token per block on SmolLM2
-    # but cost eval loss: the `short` r=64 cell went from 0.5 % to 1.7 % off the reference.)
+    # Note: the update summed in fp32. Under bf16 (or fp16) compute, an adapted projection
+    # whose output feeds more than attention (o_proj, gate, up, down: `_fp32_sum`) returns
+    # base(x) + update in fp32, not rounded to the compute dtype. Early in training the update
+    # is ~1e-3 of the base output, below bf16's half-ulp (2^-9 relative), and rounding base +
+    # update to bf16 (PEFT's sum of two bf16 tensors does too) keeps it only as noise. The
+    # reference recipe never rounds that sum: `prepare_model_for_kbit_training` makes the norms
+    # fp32, so every projection's input is fp32, bitsandbytes returns its input's dtype, and PEFT
+    # adds the bf16 update to that fp32 output. Measured on the grid's `short` cell (bf16, r=8,
+    # seed 42, both sides fed the same micro-batches: bench/engine_side.py, Note: shared batch
+    # order), the step losses were:
+    #   reference                          7.37 5.86 6.38 5.70 5.93 4.06
+    #   ours, bf16 sums                    7.38 6.26 7.12 6.60 6.78 5.03  (as if updates were half lost)
+    #   ours, fp32 sums (these)            7.39 5.84 6.36 5.70 5.93 4.06
+    #   ours, fp32 sums for q, k, v too    7.38 5.76 6.23 5.55 5.78 3.91
+    #   ours, fp32 compute                 7.34 5.64 6.11 5.45 5.68 3.83
+    # Most of it is the MLP: gate and up in fp32, their product rounded once instead of four
+    # times (SwiGLUMLP); the rest the residual stream, which o_proj's and down_proj's fp32
+    # outputs turn fp32 from the first block on (`hidden + fp32` promotes). RMSNormFn normalizes
+    # it into the 16-bit compute dtype, so every matmul still runs in bf16. q, k and v keep bf16
+    # sums: attention rounds them to bf16 anyway, and fp32 ones cost ~4 % more time for a gain
+    # beyond the reference's. Only what backward keeps is 16-bit (SwiGLUMLP's gate and up;
+    # backward precision did not move the losses there), so activation memory grows only by the
+    # fp32 residual: what each RMSNormFn keeps, and a checkpointed block's input. (Keeping
+    # RMSNormFn's input in bf16 too saved those 2.3 KB per token per block on SmolLM2 but cost
+    # eval loss: the `short` r=64 cell went from 0.5 % to 1.7 % off the reference.)
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, base_layer: torch.nn.Module,
-                scaling: float, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-        out, xc, xa = _lora_linear(x, weight_a, weight_b, base_layer, scaling, dtype)
+                scaling: float, dtype: torch.dtype, fp32_sum: bool = True) -> torch.Tensor:  # fmt: skip
+        out, xc, xa = _lora_linear(x, weight_a, weight_b, base_layer, scaling, dtype, fp32_sum)
         ctx.save_for_backward(xc, xa, weight_a, weight_b)
         ctx.base_layer, ctx.scaling, ctx.x_dtype = base_layer, scaling, x.dtype
         return out
@@ -132,20 +141,26 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, xa, weight_a, weight_b = ctx.saved_tensors
         grads = _lora_linear_backward(ctx, grad_out, xc, xa, weight_a, weight_b, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _lora_linear(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, base_layer: torch.nn.Module,
-                 scaling: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """LoraLinear's forward: (output, x in the compute dtype, x @ A^T)."""
+                 scaling: float, dtype: torch.dtype, fp32_sum: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """LoraLinear's forward: (output, x in the compute dtype, x @ A^T).
+
+    `fp32_sum`: under 16-bit compute, return base + update in fp32 (See Note: the update summed
+    in fp32); else the update is accumulated into the base output in its own dtype.
+    """
     out = base_layer(x)  # (..., N), in x's dtype; the bitsandbytes kernel, no autograd here
     xc = x.to(dtype)  # (..., K); no copy when x is already in the compute dtype
     xa = xc @ weight_a.to(dtype).t()  # (..., r)
     b_scaled = _scaled(weight_b, scaling, dtype)  # (N, r)
-    if dtype == torch.float32 and out.dtype == dtype and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())
-    else:  # See Note: the update summed in fp32
+    if out.dtype == dtype and out.is_contiguous() and (dtype == torch.float32 or not fp32_sum):
+        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())  # one rounding
+    elif fp32_sum:
         out = out.to(torch.float32).add_(xa @ b_scaled.t())
+    else:
+        out = out + (xa @ b_scaled.t()).to(out.dtype)
     return out, xc, xa
 
 
@@ -169,6 +184,56 @@ def _lora_linear_backward(ctx: Any, grad_out: torch.Tensor, xc: torch.Tensor, xa
             grad_x = (g @ dense_weight(ctx.base_layer, dtype)).addmm_(grad_xa, weight_a.to(dtype))  # (M, K)
         grad_x = grad_x.reshape(xc.shape).to(ctx.x_dtype)  # (..., K)
     return grad_x, grad_a, grad_b
+
+
+class SwiGLUMLP(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) with LoRA on all three projections, as one autograd node.
+
+    # Note: the whole MLP as one node. Under 16-bit compute gate and up come out in fp32 (See
+    # Note: the update summed in fp32), so as separate nodes their gradients would be fp32 too:
+    # autograd casts SwiGLUDown's gradients of gate and up to fp32, and each LoraLinear casts
+    # them back, two (M, I) round trips per block. Here gate's and up's backward take those
+    # gradients in the compute dtype directly, and the two input gradients are summed by the
+    # matmul (`addmm_`). What is kept is what LoraLinear x 2 and SwiGLUDown kept: the shared
+    # input, gate and up in the compute dtype, and the three r-wide A outputs.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a: torch.Tensor,
+                up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor, bases: tuple, scalings: tuple,
+                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        gate, xc, xa_gate = _lora_linear(x, gate_a, gate_b, bases[0], scalings[0], dtype)  # (..., I)
+        up, _, xa_up = _lora_linear(x, up_a, up_b, bases[1], scalings[1], dtype)  # (..., I)
+        h = (F.silu(gate) * up).to(dtype)  # (..., I), rounded once: the down projection's input
+        out, _, xa_down = _lora_linear(h, down_a, down_b, bases[2], scalings[2], dtype)  # (..., H)
+        ctx.save_for_backward(xc, gate.to(dtype), up.to(dtype), xa_gate, xa_up, xa_down,
+                              gate_a, gate_b, up_a, up_b, down_a, down_b)  # fmt: skip
+        ctx.bases, ctx.scalings, ctx.x_dtype = bases, scalings, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xc, gate, up, xa_gate, xa_up, xa_down, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        act = F.silu(gate)
+        h = act * up  # (..., I), in the compute dtype
+        need_h = needs[0] or any(needs[1:5])
+        down = types.SimpleNamespace(base_layer=ctx.bases[2], scaling=ctx.scalings[2], x_dtype=h.dtype)
+        grad_h, grad_down_a, grad_down_b = _lora_linear_backward(down, grad_out, h, xa_down, down_a, down_b,
+                                                                 (need_h, needs[5], needs[6]))  # fmt: skip
+        grads_gate_up: list[torch.Tensor | None] = [None] * 4
+        grad_x = None
+        if need_h:
+            grad_up = grad_h * act  # (..., I)
+            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)  # (..., I)
+            for k, (grad, xa, a, b) in enumerate(((grad_gate, xa_gate, gate_a, gate_b), (grad_up, xa_up, up_a, up_b))):
+                proj = types.SimpleNamespace(base_layer=ctx.bases[k], scaling=ctx.scalings[k], x_dtype=xc.dtype)
+                gx, grads_gate_up[2 * k], grads_gate_up[2 * k + 1] = _lora_linear_backward(
+                    proj, grad, xc, xa, a, b, (needs[0], needs[1 + 2 * k], needs[2 + 2 * k]))
+                grad_x = gx if grad_x is None else grad_x.add_(gx)
+            if grad_x is not None:
+                grad_x = grad_x.to(ctx.x_dtype)
+        return grad_x, *grads_gate_up, grad_down_a, grad_down_b, None, None, None
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -294,7 +359,8 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     name = _the_one_adapter(self)
     if torch.is_grad_enabled() and name is not None and not args and not kwargs:
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
-        return LoraLinear.apply(x, lora_a, lora_b, self.base_layer, self.scaling[name], matmul_dtype(x, lora_a.dtype))
+        return LoraLinear.apply(x, lora_a, lora_b, self.base_layer, self.scaling[name], matmul_dtype(x, lora_a.dtype),
+                                getattr(self, "_fp32_sum", True))  # fmt: skip
     result = self.base_layer(x, *args, **kwargs)  # bitsandbytes keeps no activation for it
     for name in self.active_adapters:
         if name not in self.lora_A:
@@ -338,6 +404,14 @@ def _rmsnorm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    projections = (self.gate_proj, self.up_proj, self.down_proj)
+    names = {_single_plain_adapter(p) for p in projections} if torch.is_grad_enabled() else {None}
+    if len(names) == 1 and None not in names:  # See Note: the whole MLP as one node
+        (name,) = names
+        weights = [w for p in projections for w in (p.lora_A[name].weight, p.lora_B[name].weight)]
+        bases = tuple(p.base_layer for p in projections)
+        scalings = tuple(p.scaling[name] for p in projections)
+        return SwiGLUMLP.apply(x, *weights, bases, scalings, matmul_dtype(x, weights[0].dtype))
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     name = _single_plain_adapter(down) if torch.is_grad_enabled() else None
@@ -363,12 +437,13 @@ def apply_fused_layers(model: torch.nn.Module) -> dict[str, int]:
         How many modules of each kind were patched: {"lora": n, "rmsnorm": n, "swiglu": n}.
     """
     counts = {"lora": 0, "rmsnorm": 0, "swiglu": 0}
-    for module in model.modules():
+    for qualified, module in model.named_modules():
         kind = type(module).__name__
         if hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "_check_forward_args"):
             if not hasattr(module, "_unfused_forward"):
                 module._unfused_forward = module.forward
                 module.forward = types.MethodType(_lora_forward, module)
+            module._fp32_sum = qualified.rsplit(".", 1)[-1] not in _ATTENTION_INPUTS  # See Note: the update summed in fp32
             counts["lora"] += 1
         elif kind in _RMSNORM_CLASSES:
             module.forward = types.MethodType(_rmsnorm_forward, module)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_core.fused import LoraBranch, LoraLinear, RMSNormFn, SwiGLUDown, SwiGLUFn, apply_fused_layers
+from qlora_core.fused import LoraBranch, LoraLinear, RMSNormFn, SwiGLUDown, SwiGLUFn, SwiGLUMLP, apply_fused_layers
 from qlora_core.models import add_lora, load_quantized_model
 
 # bf16 gradients of the same math summed in another order differ by a few bf16 ulps.
@@ -131,6 +131,41 @@ def test_swiglu_down_equals_the_two_nodes_it_replaces(tiny_model_dir: Path) -> N
     assert torch.equal(out, out_ref)
     for got, want in zip(grads, grads_ref):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_mlp_equals_the_three_nodes_it_replaces(tiny_model_dir: Path, dtype: torch.dtype) -> None:
+    """The MLP as one node: the same output bitwise, the same gradients to one rounding of bf16."""
+    model = add_lora(load_quantized_model(tiny_model_dir, device="cpu"), 8, 16, 0.0,
+                     gradient_checkpointing=False, fused_layers=True)  # fmt: skip
+    model.train()
+    mlp = next(m for m in model.modules() if type(m).__name__ == "LlamaMLP")
+    projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    g = torch.Generator().manual_seed(14)
+    with torch.no_grad():
+        for p in projs:
+            p.lora_B["default"].weight.normal_(generator=g)
+    weights = [w for p in projs for w in (p.lora_A["default"].weight, p.lora_B["default"].weight)]
+    bases, scalings = tuple(p.base_layer for p in projs), tuple(p.scaling["default"] for p in projs)
+    x = torch.randn(2, 5, weights[0].shape[1], generator=g).to(dtype)
+
+    def three_nodes(x, *w):
+        gate = LoraLinear.apply(x, w[0], w[1], bases[0], scalings[0], dtype)
+        up = LoraLinear.apply(x, w[2], w[3], bases[1], scalings[1], dtype)
+        return SwiGLUDown.apply(gate, up, w[4], w[5], bases[2], scalings[2], dtype)
+
+    def one_node(x, *w):
+        return SwiGLUMLP.apply(x, *w, bases, scalings, dtype)
+
+    out_ref, grads_ref = _grads(three_nodes, x, *weights)
+    out, grads = _grads(one_node, x, *weights)
+    assert torch.equal(out, out_ref)
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == want.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        else:  # gate's and up's gradients rounded to bf16 once here, after an fp32 detour there
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
 def test_lora_linear_keeps_peft_numerics_without_autograd(tiny_model_dir: Path) -> None:
