@@ -102,13 +102,16 @@ def _collate_with_attention_mask() -> None:
 
 
 def _replay_batch_order(path: Path, batch_size: int) -> None:
-    """Make the engine train on the micro-batches the reference recorded (an experiment).
+    """Make the engine train on the micro-batches the reference recorded.
 
     # Note: shared batch order. After a few steps on a small set, eval loss depends as much on
     # which examples made each step as on the engine: two correct samplers with different random
     # streams end several percent apart. Trained on the reference's own micro-batches, in its
-    # order, the two sides differ only in their arithmetic, which is what the grid's `--shared-order`
-    # measures. The recorded list spans every epoch; each epoch is ceil(n / batch_size) of it.
+    # order, the two sides differ only in their arithmetic, which is what the grid measures by
+    # default (`--own-order` to let each side draw its own). Speed and memory are unaffected: our
+    # planner groups by length as the reference's sampler does, so the padding is the same. The
+    # recorded list spans every epoch; each epoch is ceil(n / batch_size) of it. Anything else
+    # (another set, packing, the validation plan) keeps the engine's own planner.
     """
     from qlora_core import data
 
