@@ -157,8 +157,9 @@ def _lora_linear(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor
     b_scaled = _scaled(weight_b, scaling, dtype)  # (N, r)
     if out.dtype == dtype and out.is_contiguous() and (dtype == torch.float32 or not fp32_sum):
         out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())  # one rounding
-    elif fp32_sum:
-        out = out.to(torch.float32).add_(xa @ b_scaled.t())
+    elif fp32_sum:  # the update made in fp32 by the matmul that adds it (one (M, N) pass fewer)
+        out = out.to(torch.float32)
+        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(torch.float32), (weight_b.float() * scaling).t())
     else:
         out = out + (xa @ b_scaled.t()).to(out.dtype)
     return out, xc, xa
