@@ -194,7 +194,10 @@ def reference_logps(model: Any, rows: list[TokenizedExample], batches: Iterable[
     """
     out = torch.zeros(len(rows) // 2, 2, dtype=torch.float32)
     model.eval()
-    ctx = model.disable_adapter() if adapter_off else contextlib.nullcontext()
+    from qlora_core.fused import training_arithmetic
+
+    # the policy's arithmetic, so that before the first update its log-probs equal these
+    ctx = model.disable_adapter() if adapter_off else training_arithmetic()
     try:
         with ctx:
             for pairs in batches:
@@ -211,12 +214,14 @@ def reference_logps(model: Any, rows: list[TokenizedExample], batches: Iterable[
 def evaluate_pairs(model: Any, rows: list[TokenizedExample], batches: Iterable[list[int]], reference: torch.Tensor,
                    beta: float, pad_id: int, device: torch.device, autocast: Any, prefix: str) -> dict[str, float]:
     """DPO loss and rewards of the policy over validation pairs (dropout off); keys `{prefix}loss`, ..."""
+    from qlora_core.fused import training_arithmetic
+
     window = new_window()
     model.eval()
     try:
         for pairs in batches:
             b = {k: v.to(device) for k, v in collate_pairs(rows, pairs, pad_id).items()}
-            with autocast:
+            with autocast, training_arithmetic():  # as the reference's were taken
                 logps = sequence_logps(model, b)
             add_to_window(window, dpo_loss(logps, reference[torch.tensor(pairs)], beta))
     finally:

@@ -36,8 +36,10 @@ its original forward.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -114,7 +116,7 @@ class LoraLinear(torch.autograd.Function):
     # order), the step losses were:
     #   reference                          7.37 5.86 6.38 5.70 5.93 4.06
     #   ours, bf16 sums                    7.38 6.26 7.12 6.60 6.78 5.03  (as if updates were half lost)
-    #   ours, fp32 sums (these)            7.39 5.84 6.36 5.70 5.93 4.06
+    #   ours, fp32 sums (these)            7.39 5.85 6.36 5.71 5.91 4.04
     #   ours, fp32 sums for q, k, v too    7.38 5.76 6.23 5.55 5.78 3.91
     #   ours, fp32 compute                 7.34 5.64 6.11 5.45 5.68 3.83
     # Most of it is the MLP: gate and up in fp32, their product rounded once instead of four
@@ -194,8 +196,8 @@ class SwiGLUMLP(torch.autograd.Function):
     # Note: the update summed in fp32), so as separate nodes their gradients would be fp32 too:
     # autograd casts SwiGLUDown's gradients of gate and up to fp32, and each LoraLinear casts
     # them back, two (M, I) round trips per block. Here gate's and up's backward take those
-    # gradients in the compute dtype directly, and the two input gradients are summed by the
-    # matmul (`addmm_`). What is kept is what LoraLinear x 2 and SwiGLUDown kept: the shared
+    # gradients in the compute dtype directly, and the two input gradients are summed in place.
+    # What is kept is what LoraLinear x 2 and SwiGLUDown kept: the shared
     # input, gate and up in the compute dtype, and the three r-wide A outputs.
     """
 
@@ -352,13 +354,37 @@ class SwiGLUFn(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+_training_arithmetic = 0  # > 0 inside `training_arithmetic()`
+
+
+@contextlib.contextmanager
+def training_arithmetic() -> Iterator[None]:
+    """Compute without autograd exactly as training does (the fused nodes, fp32 sums).
+
+    Without autograd the fused layers keep PEFT's order, so that evaluation and generation give
+    the logits of the saved adapter; a pass that is compared with training's own outputs (DPO's
+    reference log-probs of a fine-tuned model, which the policy's must equal before the first
+    update) needs training's arithmetic instead (See Note: the update summed in fp32).
+    """
+    global _training_arithmetic
+    _training_arithmetic += 1
+    try:
+        yield
+    finally:
+        _training_arithmetic -= 1
+
+
+def _fused_wanted() -> bool:
+    return torch.is_grad_enabled() or _training_arithmetic > 0
+
+
 def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """PEFT LoRA `forward` (vanilla adapters): one `LoraLinear` node when training one adapter."""
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not _lora_fusable(self):
         return self._unfused_forward(x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
     name = _the_one_adapter(self)
-    if torch.is_grad_enabled() and name is not None and not args and not kwargs:
+    if _fused_wanted() and name is not None and not args and not kwargs:
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, K), (N, r)
         return LoraLinear.apply(x, lora_a, lora_b, self.base_layer, self.scaling[name], matmul_dtype(x, lora_a.dtype),
                                 getattr(self, "_fp32_sum", True))  # fmt: skip
@@ -406,7 +432,7 @@ def _rmsnorm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     projections = (self.gate_proj, self.up_proj, self.down_proj)
-    names = {_single_plain_adapter(p) for p in projections} if torch.is_grad_enabled() else {None}
+    names = {_single_plain_adapter(p) for p in projections} if _fused_wanted() else {None}
     if len(names) == 1 and None not in names:  # See Note: the whole MLP as one node
         (name,) = names
         weights = [w for p in projections for w in (p.lora_A[name].weight, p.lora_B[name].weight)]
@@ -415,7 +441,7 @@ def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         return SwiGLUMLP.apply(x, *weights, bases, scalings, matmul_dtype(x, weights[0].dtype))
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
-    name = _single_plain_adapter(down) if torch.is_grad_enabled() else None
+    name = _single_plain_adapter(down) if _fused_wanted() else None
     if name is not None:
         lora_a, lora_b = down.lora_A[name].weight, down.lora_B[name].weight  # (r, I), (H, r)
         return SwiGLUDown.apply(gate, up, lora_a, lora_b, down.base_layer, down.scaling[name], matmul_dtype(gate, lora_a.dtype))
