@@ -156,14 +156,14 @@ def _lora_linear(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor
     out = base_layer(x)  # (..., N), in x's dtype; the bitsandbytes kernel, no autograd here
     xc = x.to(dtype)  # (..., K); no copy when x is already in the compute dtype
     xa = xc @ weight_a.to(dtype).t()  # (..., r)
-    b_scaled = _scaled(weight_b, scaling, dtype)  # (N, r)
+    xa2 = xa.reshape(-1, xa.shape[-1])  # (M, r)
     if out.dtype == dtype and out.is_contiguous() and (dtype == torch.float32 or not fp32_sum):
-        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b_scaled.t())  # one rounding
+        out.view(-1, out.shape[-1]).addmm_(xa2, _scaled(weight_b, scaling, dtype).t())  # one rounding
     elif fp32_sum:  # the update made in fp32 by the matmul that adds it (one (M, N) pass fewer)
         out = out.to(torch.float32)
-        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]).to(torch.float32), (weight_b.float() * scaling).t())
+        out.view(-1, out.shape[-1]).addmm_(xa2.to(torch.float32), _scaled(weight_b, scaling, torch.float32).t())
     else:
-        out = out + (xa @ b_scaled.t()).to(out.dtype)
+        out = out + (xa @ _scaled(weight_b, scaling, dtype).t()).to(out.dtype)
     return out, xc, xa
 
 

@@ -337,7 +337,7 @@ def _activation_bytes_per_token_layer(
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
     if fused_layers:  # measured on SmolLM2 in bf16 with saved_tensors_hooks: 15.9 (r=8) and 16.7 (r=64) KB/token/layer, as this says
         return (
-            2 * 4 * h  # (B, T, h) norm inputs: the fp32 residual stream (qlora_core/fused.py)
+            2 * residual_bytes(c, fused_layers) * h  # (B, T, h) norm inputs: the fp32 residual stream
             + 2 * c * h + sum(c * lora_r for _ in targets)  # the two normed inputs, (B, T, r) per LoRA
             + c * (2 * q + 2 * kv)  # attention
             + 2 * i * c  # (B, T, i) gate and up
