@@ -207,9 +207,13 @@ class SwiGLUMLP(torch.autograd.Function):
                 dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
         gate, xc, xa_gate = _lora_linear(x, gate_a, gate_b, bases[0], scalings[0], dtype)  # (..., I)
         up, _, xa_up = _lora_linear(x, up_a, up_b, bases[1], scalings[1], dtype)  # (..., I)
-        h = (F.silu(gate) * up).to(dtype)  # (..., I), rounded once: the down projection's input
+        kept_gate, kept_up = gate.to(dtype), up.to(dtype)  # what backward keeps
+        if gate.dtype != dtype:  # fp32 sums: gate and up are this node's own temporaries, reused in place
+            h = F.silu(gate, inplace=True).mul_(up).to(dtype)  # (..., I), rounded once: the down projection's input
+        else:
+            h = F.silu(gate) * up
         out, _, xa_down = _lora_linear(h, down_a, down_b, bases[2], scalings[2], dtype)  # (..., H)
-        ctx.save_for_backward(xc, gate.to(dtype), up.to(dtype), xa_gate, xa_up, xa_down,
+        ctx.save_for_backward(xc, kept_gate, kept_up, xa_gate, xa_up, xa_down,
                               gate_a, gate_b, up_a, up_b, down_a, down_b)  # fmt: skip
         ctx.bases, ctx.scalings, ctx.x_dtype = bases, scalings, x.dtype
         return out
@@ -311,6 +315,8 @@ class RMSNormFn(torch.autograd.Function):
         ctx.out_dtype = _norm_out_dtype(x, weight)
         xhat = (xf * rstd).to(ctx.out_dtype)
         ctx.save_for_backward(x, rstd, weight)
+        if xhat.dtype == weight.dtype:  # xhat is a temporary: scaled in place
+            return xhat.mul_(weight)
         return weight * xhat
 
     @staticmethod
@@ -323,7 +329,8 @@ class RMSNormFn(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             g = (grad_out * weight).to(torch.float32)  # (..., H), as autograd of `weight * xhat` gives
-            grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+            mean = (g * xhat).mean(-1, keepdim=True)  # (..., 1)
+            grad_x = g.sub_(xhat.mul_(mean)).mul_(rstd).to(x.dtype)  # rstd * (g - xhat * mean), in place
         return grad_x, grad_weight, None
 
 
