@@ -363,12 +363,17 @@ def auto_checkpoint_fraction(
     # Note: memory-neutral checkpointing. The usual QLoRA recipe (transformers' loss) holds the
     # logits of every position, their fp32 copy and the log-softmax: V * (c + 4 + 4) bytes per
     # token. Our loss holds one chunk of supervised rows (qlora_core/loss.py), so that memory is
-    # free. We spend half of it, per token, on blocks that skip the checkpoint recompute (each
-    # costs its activations minus the input a checkpointed block keeps) and checkpoint the rest.
-    # The choice depends only on the model's shape, not on batch or length (both sides scale with
-    # tokens), so it is the same for every run of a model: on SmolLM2 (V = 49,152, width 576)
-    # 13 (r=8) or 14 (r=64) of 30 blocks stay checkpointed (11 and 12 before the fused layers
-    # carried an fp32 residual stream); on a Llama-7B shape (V = 32,000, width 4096) 31 of 32.
+    # free. We spend three quarters of it, per token, on blocks that skip the checkpoint
+    # recompute (each costs its activations minus the input a checkpointed block keeps) and
+    # checkpoint the rest. The choice depends only on the model's shape, not on batch or length
+    # (both sides scale with tokens), so it is the same for every run of a model: on SmolLM2
+    # (V = 49,152, width 576) 4 (r=8) or 5 (r=64) of 30 blocks stay checkpointed; on a Llama-7B
+    # shape (V = 32,000, width 4096) 30 of 32. Why three quarters, measured on bench/bench_grid.py
+    # (AVX512-BF16 host, bf16): with half (13-14 of 30 checkpointed) our peak RSS was 0.60-0.92x
+    # the reference's and the recompute cost ~10 % of a step; with all of it (none checkpointed)
+    # 0.66-0.92x on `gsm8k` and `long` but 0.96-1.00x on `short` r=64, whose peak is mostly what
+    # does not scale with tokens (the r=64 optimizer state, the process), where ours is closest to
+    # the reference's; three quarters gave 0.95-0.96x there and 1.66-1.78x its speed.
     # A head with LoRA on it takes the full-logits path and frees nothing: everything is checkpointed.
     #
     # Note: checkpointing in fp32. Our blocks' activations double in fp32, and the half-spend rule
@@ -392,7 +397,7 @@ def auto_checkpoint_fraction(
     if c == 4:  # See Note: checkpointing in fp32
         freed, spent = cfg["vocab_size"] * 16, 1.0  # per token
     else:
-        freed, spent = cfg["vocab_size"] * (c + 4 + 4), 0.5
+        freed, spent = cfg["vocab_size"] * (c + 4 + 4), 0.75
     known = [t for t in targets if t in linear_shapes(config_json)]
     per_layer = _activation_bytes_per_token_layer(config_json, lora_r, c, known, fused_layers) - residual_bytes(c, fused_layers) * h
     n_free = min(n_layers, int(spent * freed // max(per_layer, 1)))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_grid import SHAPES, shape_data, side_argv
-from bench.common import tokenize_chat
+from bench.bench_grid import SHAPES, fastest_run, shape_data, side_argv
+from bench.common import ChildResult, tokenize_chat
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,15 @@ def test_ours_set_reaches_only_our_side(tmp_path):
                      ["checkpoint_fraction=0"])
     assert "checkpoint_fraction=0" in ours and ours[ours.index("checkpoint_fraction=0") - 1] == "--set"
     assert not any("checkpoint_fraction" in a for a in ref)
+
+
+def test_a_cell_reports_its_fastest_run_and_scores_the_first_adapter():
+    runs = [ChildResult("engine", {"train_s": 30.0, "adapter_dir": "run0/adapter"}, 1500.0, 40.0),
+            ChildResult("engine", {"train_s": 24.0, "adapter_dir": "run1/adapter"}, 1400.0, 33.0)]
+    best = fastest_run(runs)
+    assert best.result["train_s"] == 24.0 and best.wall_s == 33.0
+    assert best.result["adapter_dir"] == "run0/adapter"  # every run trains the same adapter; the first is scored
+    assert runs[1].result["adapter_dir"] == "run1/adapter"  # the runs themselves are left as they were
 
 
 def test_the_reference_s_batch_order_reaches_both_sides(tmp_path):

@@ -226,15 +226,16 @@ def test_auto_checkpointing_spends_only_what_the_chunked_loss_frees() -> None:
     """See Note: memory-neutral checkpointing: a big vocabulary on a narrow model frees a lot; a 7B little."""
     from qlora_core.quant import auto_checkpoint_fraction
 
-    assert auto_checkpoint_fraction(SMOL_CONFIG, 64) == 14 / 30  # 12 before the residual stream went fp32 (qlora_core/fused.py)
-    assert auto_checkpoint_fraction(LLAMA_7B_CONFIG, 64) == 31 / 32
+    assert auto_checkpoint_fraction(SMOL_CONFIG, 8) == 4 / 30
+    assert auto_checkpoint_fraction(SMOL_CONFIG, 64) == 5 / 30  # a wider adapter keeps more per block
+    assert auto_checkpoint_fraction(LLAMA_7B_CONFIG, 64) == 30 / 32
     # the stock layers keep more per block, so fewer blocks skip the recompute
-    assert 14 / 30 < auto_checkpoint_fraction(SMOL_CONFIG, 64, fused_layers=False) < 1.0
-    # and what they keep never exceeds half of the logits memory the reference recipe would hold
+    assert 5 / 30 < auto_checkpoint_fraction(SMOL_CONFIG, 64, fused_layers=False) < 1.0
+    # and what they keep never exceeds three quarters of the logits memory the reference recipe would hold
     for config in (SMOL_CONFIG, LLAMA_7B_CONFIG):
         full = estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=1.0)
         auto = estimate_training_memory(config, 512, 4, 64, True, checkpoint_fraction=None)
-        assert 0 <= auto["activation_bytes"] - full["activation_bytes"] <= full["logits_bytes"] / 2
+        assert 0 <= auto["activation_bytes"] - full["activation_bytes"] <= full["logits_bytes"] * 3 / 4
 
 
 def test_auto_checkpointing_in_fp32_spends_the_fp32_loss_whole() -> None:
