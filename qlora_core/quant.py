@@ -376,9 +376,9 @@ def auto_checkpoint_fraction(
     # the reference's; three quarters gave 0.95-0.96x there and 1.66-1.78x its speed.
     # A head with LoRA on it takes the full-logits path and frees nothing: everything is checkpointed.
     #
-    # Note: checkpointing in fp32. Our blocks' activations double in fp32, and the half-spend rule
-    # above, tuned in bf16 (peak 0.80-0.94x the reference's on bench/bench_grid.py), then left 19-20
-    # of SmolLM2's 30 blocks checkpointed at 0.35-0.76x the fp32 reference's memory: 1.28-1.53x its
+    # Note: checkpointing in fp32. Our blocks' activations double in fp32, and the bf16 rule
+    # above (then spending half, tuned at a peak 0.80-0.94x the reference's on bench/bench_grid.py),
+    # left 19-20 of SmolLM2's 30 blocks checkpointed at 0.35-0.76x the fp32 reference's memory: 1.28-1.53x its
     # speed where 1.5x is the goal. In fp32 the full-logits loss holds four fp32 (N, V) tensors at
     # the start of its backward (logits, log-probs, and the gradients of both), V * 16 per token,
     # and the fp32 reference measured fatter still (its peak grows ~2x faster with tokens than in
