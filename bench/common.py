@@ -237,8 +237,14 @@ def evaluate_adapters(model_dir: Path, adapter_dirs: dict[str, Path], eval_chats
                       dtype: str = "bfloat16") -> dict:
     """Eval loss of the 4-bit base alone and with each adapter, measured the same way for all (in `dtype`).
 
-    The base is loaded once; each adapter is attached with `PeftModel.from_pretrained` (the
-    contract's loading path) and removed again with `unload()` before the next one.
+    Each adapter is attached with `PeftModel.from_pretrained` (the contract's loading path) to a
+    freshly loaded base.
+
+    # Note: a fresh base per adapter. PEFT's `unload()` of a bitsandbytes 4-bit model does not give
+    # the base back bit for bit: all 210 quantized weights of SmolLM2 changed, and the base's own
+    # eval loss on `short` drifted 7.935 -> 7.891 -> 7.814 -> 7.809 over three attach/unload
+    # rounds, so the same adapter scored 4.1758 first and 4.1580 third. Every adapter after the
+    # first (ours came after the reference's) was scored on a drifted base until 2026-11-30.
 
     Returns:
         {"base": loss, name: loss, ...}
@@ -247,12 +253,11 @@ def evaluate_adapters(model_dir: Path, adapter_dirs: dict[str, Path], eval_chats
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = load_reference_base(model_dir, dtype)
-    losses = {"base": completion_loss(base, tokenizer, eval_chats, max_len)}
+    losses = {"base": completion_loss(load_reference_base(model_dir, dtype), tokenizer, eval_chats, max_len)}
     for name, adapter in adapter_dirs.items():
-        model = PeftModel.from_pretrained(base, str(adapter))
+        model = PeftModel.from_pretrained(load_reference_base(model_dir, dtype), str(adapter))
         losses[name] = completion_loss(model, tokenizer, eval_chats, max_len)
-        base = model.unload()
+        del model
     return losses
 
 

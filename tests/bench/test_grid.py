@@ -91,3 +91,23 @@ def test_our_side_trains_on_the_recorded_micro_batches(tmp_path, monkeypatch):
     # anything that is not the recorded run (another set, packing) keeps the engine's own planner
     other = make_plan([10, 20, 30], config, has_valid=False)
     assert sorted(i for b in other.epoch_batches[0] for row in b for i in row) == [0, 1, 2]
+
+
+def test_the_scorer_gives_one_adapter_one_loss_wherever_it_comes(bundled_model_dir: Path, tmp_path):
+    """See bench/common.py, Note: a fresh base per adapter (PEFT's unload() moved the 4-bit base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from bench.common import evaluate_adapters, load_reference_base
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_reference_base(bundled_model_dir, "bfloat16"), LoraConfig(r=4, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)  # a trained-looking adapter: B = 0 would change nothing
+    model.save_pretrained(tmp_path / "adapter")
+    chats = [{"messages": [{"role": "user", "content": f"What is {a} + {a}?"},
+                           {"role": "assistant", "content": f"The answer is {2 * a}."}]} for a in range(4)]  # fmt: skip
+    adapter = tmp_path / "adapter"
+    losses = evaluate_adapters(bundled_model_dir, {"first": adapter, "second": adapter, "third": adapter}, chats, 64)
+    assert losses["first"] == losses["second"] == losses["third"] != losses["base"]
