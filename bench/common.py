@@ -240,11 +240,13 @@ def evaluate_adapters(model_dir: Path, adapter_dirs: dict[str, Path], eval_chats
     Each adapter is attached with `PeftModel.from_pretrained` (the contract's loading path) to a
     freshly loaded base.
 
-    # Note: a fresh base per adapter. PEFT's `unload()` of a bitsandbytes 4-bit model does not give
-    # the base back bit for bit: all 210 quantized weights of SmolLM2 changed, and the base's own
-    # eval loss on `short` drifted 7.935 -> 7.891 -> 7.814 -> 7.809 over three attach/unload
-    # rounds, so the same adapter scored 4.1758 first and 4.1580 third. Every adapter after the
-    # first (ours came after the reference's) was scored on a drifted base until 2026-11-30.
+    # Note: a fresh base per adapter. One 4-bit base reused for several adapters does not stay the
+    # base: after a forward pass and PEFT's attach/`unload()`, all 210 quantized weights of SmolLM2
+    # differed from the loaded ones, and the base's own eval loss on `short` went 7.891 -> 7.814 ->
+    # 7.809 over three rounds, so one adapter scored 4.1758 first and 4.1580 third. Until
+    # 2026-11-30 the grid scored every adapter on the base the previous one left (and the first on
+    # a base that had run the base's own forward); re-scored on fresh bases, as a user loads them,
+    # the `short` cells moved by up to 1.5 % (bf16 reference r=8: 4.1358 -> 4.1899).
 
     Returns:
         {"base": loss, name: loss, ...}
