@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         for table in tables:
             dtype = None if table == "defaults" else "float32"
             for r in ranks:
-                for repeat, side in ((k, side) for k in range(args.repeats) for side in ("reference", "engine")):
+                for repeat, side in itertools.product(range(args.repeats), ("reference", "engine")):  # alternated
                     run_dir = work / shape.name / f"{table}-r{r}-{side}" / f"run{repeat}"
                     shutil.rmtree(run_dir, ignore_errors=True)
                     run_dir.mkdir(parents=True)
