@@ -16,12 +16,14 @@ import importlib.util
 import io
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,22 +97,45 @@ def follow_progress(base_url: str, key: str, job_id: str) -> list[float]:
 def compare_answers(client: Any, fine_tuned_model: str, questions: list[dict[str, Any]]) -> None:
     """Print base vs. fine-tuned greedy answers, asked through the API like any OpenAI model.
 
-    The base answer comes whole; the fine-tuned one is streamed and printed as it arrives.
+    Every question goes to both models at once, so the inference server decodes all of them as one
+    batch (inference/engine.py, Note: continuous batching of mixed adapters): on a CPU a decode
+    step reads every weight whatever the batch, so six answers cost about what one costs alone.
+    The answers are printed question by question, the base one whole and the fine-tuned one
+    streamed as its tokens arrive.
     """
-    for i, ex in enumerate(questions):
-        messages = ex["messages"][:2]
-        expected = ex["messages"][2]["content"].rsplit("The answer is", 1)[-1].strip(" .")
-        print(f"\n=== held-out question {i + 1} (expected answer: {expected}) ===\n{ex['messages'][1]['content']}")
-        base = client.chat.completions.create(model=BUNDLED_MODEL_ID, messages=messages, temperature=0,
-                                              max_tokens=128)  # fmt: skip
-        print(f"\n--- base {BUNDLED_MODEL_ID} ---\n{base.choices[0].message.content.strip()}")
-        print(f"\n--- fine-tuned: {fine_tuned_model} (streamed) ---", flush=True)
-        stream = client.chat.completions.create(model=fine_tuned_model, messages=messages, temperature=0,
-                                                max_tokens=128, stream=True)  # fmt: skip
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                print(chunk.choices[0].delta.content, end="", flush=True)
-        print()
+    done = object()
+
+    def ask(model: str, messages: list[dict[str, str]]) -> str:
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=128)
+        return r.choices[0].message.content.strip()
+
+    def stream(messages: list[dict[str, str]], out: queue.Queue) -> None:
+        try:
+            for chunk in client.chat.completions.create(model=fine_tuned_model, messages=messages,
+                                                        temperature=0, max_tokens=128, stream=True):  # fmt: skip
+                if chunk.choices and chunk.choices[0].delta.content:
+                    out.put(chunk.choices[0].delta.content)
+        except Exception as e:  # shown where the answer would be, then raised by the reader
+            out.put(e)
+        out.put(done)
+
+    with ThreadPoolExecutor(max_workers=2 * len(questions)) as pool:
+        asked = []
+        for ex in questions:
+            messages = ex["messages"][:2]
+            streamed: queue.Queue = queue.Queue()
+            pool.submit(stream, messages, streamed)
+            asked.append((pool.submit(ask, BUNDLED_MODEL_ID, messages), streamed))
+        for i, (ex, (base, streamed)) in enumerate(zip(questions, asked)):
+            expected = ex["messages"][2]["content"].rsplit("The answer is", 1)[-1].strip(" .")
+            print(f"\n=== held-out question {i + 1} (expected answer: {expected}) ===\n{ex['messages'][1]['content']}")
+            print(f"\n--- base {BUNDLED_MODEL_ID} ---\n{base.result()}")
+            print(f"\n--- fine-tuned: {fine_tuned_model} (streamed) ---", flush=True)
+            while (piece := streamed.get()) is not done:
+                if isinstance(piece, Exception):
+                    raise piece
+                print(piece, end="", flush=True)
+            print()
 
 
 def matmul_gflops(min_s: float = 0.3) -> tuple[float, str]:
