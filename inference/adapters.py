@@ -82,6 +82,77 @@ class BaseSlot:
         return True
 
 
+def keep_dense_weights(model: Any, max_bytes: int) -> int:
+    """On a CPU without bitsandbytes' fused 4-bit kernel, keep the 4-bit layers dequantized too.
+
+    # Note: dense weights for CPU decoding. bitsandbytes computes a 4-bit layer on a CPU in one of
+    # two ways: with AVX512-BF16 it repacks the weight into an inference layout the first time an
+    # inference forward uses it and runs a fused kernel (See Note: adapters loaded after a
+    # forward); elsewhere (an AVX2-only CPU) every call dequantizes the whole weight into the
+    # compute dtype and then runs `F.linear` on it. Decoding calls every layer once per token, so
+    # there each token dequantized the whole base again: on SmolLM2 in fp32 on a real AVX2-only
+    # AMD EPYC, about a third of a six-row decode step (the profile: `dequantize_4bit` ~100 ms,
+    # the matmuls ~145 ms of ~375 ms). Here each such layer's weight is dequantized once, by the
+    # same two bitsandbytes ops its forward runs, and the layer's forward becomes that `F.linear`
+    # on the kept copy, so its outputs are bitwise what bitsandbytes computes
+    # (tests/inference/test_engine.py compares the tokens with `PeftModel.generate`'s). The
+    # copy costs (compute dtype bytes) per weight beside the 4-bit one, e.g. 425 MB in fp32 for
+    # SmolLM2's 106 M quantized weights, so it is kept only when the whole copy fits `max_bytes`
+    # (`QLORA_INFERENCE_DENSE_MAX_BYTES`; 0 turns it off). Training never takes this path.
+
+    Returns:
+        The bytes kept (0 when the device has the fused kernel, the copy would not fit, or the
+        model has no 4-bit layer this covers).
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"]
+    if not layers or max_bytes <= 0 or any(not _dense_covered(m) for m in layers):
+        return 0
+    dtype = layers[0].compute_dtype
+    need = sum(m.weight.quant_state.shape.numel() for m in layers) * dtype.itemsize
+    if need > max_bytes:
+        log.info("4-bit layers decode from their packed weights: a dense copy needs %d bytes, over "
+                 "QLORA_INFERENCE_DENSE_MAX_BYTES=%d", need, max_bytes)
+        return 0
+    for m in layers:
+        dense = _dequantized(m.weight, m.weight.quant_state, m.compute_dtype)
+        m.forward = types.MethodType(_dense_forward, m)
+        m.dense_weight = dense
+    log.info("kept the %d 4-bit layers dequantized for decoding (%d bytes, %s)", len(layers), need, dtype)
+    return need
+
+
+def _dense_covered(layer: Any) -> bool:
+    """Whether bitsandbytes computes this layer as dequantize + `F.linear` (no fused CPU kernel)."""
+    qs = getattr(layer.weight, "quant_state", None)
+    if qs is None or layer.compute_dtype is None or getattr(layer, "support_avx512bf16_for_cpu", False):
+        return False
+    if getattr(qs, "packing_format_for_cpu", False) or len(qs.shape) != 2:
+        return False
+    return not qs.nested or qs.state2.blocksize == 256
+
+
+def _dequantized(weight: torch.Tensor, qs: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight exactly as bitsandbytes' CPU `gemm_4bit` dequantizes it for an input of `dtype`."""
+    absmax = qs.absmax
+    if qs.nested:  # the second-level scales first, as gemm_4bit does
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(qs.absmax, qs.state2.absmax, qs.state2.code,
+                                                                    256, torch.float32) + qs.offset  # fmt: skip
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.view(-1, 1), absmax, qs.blocksize, qs.quant_type,
+                                                          list(qs.shape), dtype)  # fmt: skip
+
+
+def _dense_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """`Linear4bit.forward` without autograd, on the kept dense weight (See Note: dense weights for CPU decoding)."""
+    if torch.is_grad_enabled() and x.requires_grad:  # never in the server; keep bitsandbytes' autograd path
+        return type(self).forward(self, x)
+    inp_dtype = x.dtype
+    x = x.to(self.dense_weight.dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, self.dense_weight, bias).to(inp_dtype)
+
+
 def load_adapter(model: Any, peft_model: Any, key: str, path: Path) -> Any:
     """Add the saved adapter at `path` as adapter `key`, without reading the base's state dict.
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from inference.adapters import BASE_ADAPTER, BaseSlot
+from inference.adapters import BASE_ADAPTER, BaseSlot, keep_dense_weights
 from inference.errors import RequestError
 from qlora_core.generate import render_prompt
 
@@ -90,7 +90,7 @@ class Engine:
 
     def __init__(self, resolve_base: Callable[[str], Path], device: str | None = None,
                  max_batch: int = 16, max_adapter_bytes: int = 1 << 30, compute_dtype: str = "auto",
-                 resolve_adapter: Callable[[str], str] | None = None) -> None:  # fmt: skip
+                 resolve_adapter: Callable[[str], str] | None = None, dense_max_bytes: int = 2 << 30) -> None:  # fmt: skip
         """
         Args:
             resolve_base: base model id -> its store directory (raises KeyError when unknown).
@@ -99,6 +99,9 @@ class Engine:
             max_batch: rows (choices) decoded together at most.
             max_adapter_bytes: the LRU budget for the adapters of one base.
             compute_dtype: "auto" (the device's native dtype, as training's default) or a dtype name.
+            dense_max_bytes: on a CPU without bitsandbytes' fused 4-bit kernel, keep a base's 4-bit
+                layers dequantized too when that copy fits (inference/adapters.py, Note: dense
+                weights for CPU decoding); 0: never.
         """
         from qlora_core.device import default_device
 
@@ -108,6 +111,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_adapter_bytes = max_adapter_bytes
         self.compute_dtype = compute_dtype
+        self.dense_max_bytes = dense_max_bytes
         self.bases: dict[str, BaseSlot] = {}
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
@@ -218,6 +222,7 @@ class Engine:
             t0 = time.monotonic()
             model = load_quantized_model(path, compute_dtype=dtype, device=self.device)
             model.eval()
+            keep_dense_weights(model, self.dense_max_bytes)
             tokenizer = load_tokenizer(path)
             context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
             slot = BaseSlot(model, tokenizer, context, self.max_adapter_bytes)

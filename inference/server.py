@@ -36,7 +36,8 @@ def run_inference(host: str | None = None, port: int | None = None) -> int:
         return str(storage.fetch_tree("artifacts", rel))
 
     engine = Engine(resolve_base, max_batch=settings.inference_max_batch,
-                    max_adapter_bytes=settings.inference_max_adapter_bytes, resolve_adapter=resolve_adapter)  # fmt: skip
+                    max_adapter_bytes=settings.inference_max_adapter_bytes, resolve_adapter=resolve_adapter,
+                    dense_max_bytes=settings.inference_dense_max_bytes)  # fmt: skip
     engine.start()
     host = host or settings.inference_host
     port = port if port is not None else settings.inference_port

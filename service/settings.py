@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     inference_port: int = 8001
     inference_max_batch: int = 16  # choices decoded together at most
     inference_max_adapter_bytes: int = 2 * 1024**3  # LRU budget for the adapters held beside each base model
+    # On a CPU without bitsandbytes' fused 4-bit kernel (no AVX512-BF16), a base whose 4-bit layers
+    # fit this dequantized is kept dequantized too, so decoding skips dequantizing every weight per
+    # token (inference/adapters.py, Note: dense weights for CPU decoding); 0: never
+    inference_dense_max_bytes: int = 2 * 1024**3
 
     # Workers
     # Webhooks (service/webhooks.py): by default only https:// endpoints on public addresses;

@@ -256,3 +256,25 @@ def test_an_adapter_in_the_s3_store_is_fetched_on_first_use(tiny_model_dir: Path
         assert gone["events"][-1][0] == "error" and gone["events"][-1][1].status == 404
     finally:
         eng.stop()
+
+
+def test_dense_weights_decode_bitwise_as_the_4bit_layers(tiny_model_dir: Path) -> None:
+    """Where bitsandbytes has no fused CPU kernel, the kept dense copy changes speed, not one bit of the logits."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    from inference.adapters import keep_dense_weights
+
+    model = load_quantized_model(tiny_model_dir, compute_dtype=native_dtype("cpu").dtype, device="cpu").eval()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    need = sum(m.weight.quant_state.shape.numel() for m in layers) * layers[0].compute_dtype.itemsize
+    assert keep_dense_weights(model, need - 1) == 0  # over the budget: left as it was
+    assert all("forward" not in vars(m) for m in layers)
+    kept = keep_dense_weights(model, need)
+    assert kept == (0 if has_avx512bf16() else need)  # with AVX512-BF16 bitsandbytes runs its own fused kernel
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
