@@ -39,9 +39,9 @@ DEFAULT_EXAMPLES = 160
 N_HELD_OUT = 3
 BATCH_SIZE = 4
 # See Note: the demo sized to the machine.
-TRAIN_BUDGET_S = 85.0
-STEP_OVERHEAD_S, STEP_GFLOP = 1.0, 682.0
-MIN_STEPS, MAX_STEPS = 10, 40
+TRAIN_BUDGET_S = 75.0
+STEP_OVERHEAD_S, STEP_GFLOP = 2.5, 682.0
+MIN_STEPS, MAX_STEPS = 8, 40
 READY_TIMEOUT_S = 300.0
 
 
@@ -158,19 +158,21 @@ def matmul_gflops(min_s: float = 0.3) -> tuple[float, str]:
 def sized_steps() -> tuple[int, str]:
     """How many optimizer steps of `BATCH_SIZE` examples fit the demo's training budget here.
 
-    # Note: the demo sized to the machine. The demo's job is 40 steps of 4 GSM8K examples; a step
-    # costs a fixed part (non-matmul ops, the optimizer, events) and a part that scales with matmul
-    # speed. Fitted to the demo's steps on the two CPU kinds (2-core AMD EPYC each): 1.7 s per step
-    # with bf16 at 969 GFLOP/s (AVX512-BF16), 5.8 s with fp32 at 142 GFLOP/s (AVX2 only), so
-    # step_s ~ 1.0 + 682 / GFLOP/s (torch capped at AVX2 on the first kind, 3.5 s at 213 GFLOP/s,
-    # is under the line). Around the steps the demo spends 70-90 s on the AVX2 kind (the service
-    # and worker start, the model loads, base and tuned answers are generated, in fp32), ~20 s on
-    # the other, so the steps get TRAIN_BUDGET_S = 85 s: 40 steps on the AVX512-BF16 kind, 14 on
-    # the AVX2 one, under 3 minutes in all on both. The demo measures this machine's matmuls in
-    # its native dtype (0.3 s), takes as many steps as fit (10 to 40), and for fewer than 20 steps
-    # doubles the learning rate so the style still visibly changes. An AVX2-only EPYC once
-    # measured 41 GFLOP/s in fp32 (REFERENCES.md; a busy host measures that too): 10 steps there.
-    # On a GPU the full 40 steps always fit.
+    # Note: the demo sized to the machine. The demo's job is up to 40 steps of 4 GSM8K examples; a
+    # step costs a part that scales with matmul speed (682 GFLOP at the probe's speed) and a part
+    # that does not keep up with it (elementwise ops, dequantization, the optimizer, events).
+    # Measured on 2-core AMD EPYCs: 8.5-9.8 s a step in fp32 where the probe read 117-120 GFLOP/s
+    # (a real AVX2-only one, 2026-11-30), 5.8 s at 142 (another, 2026-11-29), ~3.5 s in bf16 at
+    # ~380 (AVX512-BF16); so step_s ~ 2.5 + 682 / GFLOP/s, which is at or above every one of them.
+    # Around the steps the demo spends ~90 s on the slower AVX2-only host (the sizing probe, the
+    # service's start, the job's child importing and loading the model, the six answers decoded
+    # as one batch, the service's stop) and ~60 s on the AVX512-BF16 kind, so the steps get
+    # TRAIN_BUDGET_S = 75 s: 9 steps on that AVX2 host (~165 s in all), ~17 on the AVX512-BF16
+    # kind, 23 at the 969 GFLOP/s bf16 an idle one measured. The demo measures this machine's
+    # matmuls in its native dtype (0.3 s; a busy moment only makes the demo smaller), takes as many
+    # steps as fit (8 to 40), and for fewer than 20 steps doubles the learning rate so the style
+    # still visibly changes (it does at 8-10 steps: the answers switch to the dataset's short
+    # lines ending in "The answer is N."). On a GPU the full 40 steps always fit.
     """
     import torch
 
