@@ -109,8 +109,7 @@ def keep_dense_weights(model: Any, max_bytes: int) -> int:
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"]
     if not layers or max_bytes <= 0 or any(not _dense_covered(m) for m in layers):
         return 0
-    dtype = layers[0].compute_dtype
-    need = sum(m.weight.quant_state.shape.numel() for m in layers) * dtype.itemsize
+    need = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
     if need > max_bytes:
         log.info("4-bit layers decode from their packed weights: a dense copy needs %d bytes, over "
                  "QLORA_INFERENCE_DENSE_MAX_BYTES=%d", need, max_bytes)
@@ -119,7 +118,8 @@ def keep_dense_weights(model: Any, max_bytes: int) -> int:
         dense = _dequantized(m.weight, m.weight.quant_state, m.compute_dtype)
         m.forward = types.MethodType(_dense_forward, m)
         m.dense_weight = dense
-    log.info("kept the %d 4-bit layers dequantized for decoding (%d bytes, %s)", len(layers), need, dtype)
+    log.info("kept the %d 4-bit layers dequantized for decoding (%d bytes, %s)", len(layers), need,
+             layers[0].compute_dtype)
     return need
 
 

@@ -102,10 +102,10 @@ def _preload_torch() -> None:
     if torch.cuda.is_initialized():  # would poison every forked child; fail loudly instead
         raise RuntimeError("CUDA was initialised in the worker's parent process")
     if torch.version.cuda is None and torch.version.hip is None:
+        import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
         import transformers  # noqa: F401
 
-        import bitsandbytes  # noqa: F401
         import qlora_core.train  # noqa: F401
 
 
