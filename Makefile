@@ -27,7 +27,7 @@ run:
 	$(BIN)/qlora serve
 
 test:
-	$(BIN)/python -m pytest -m "" tests
+	$(BIN)/python -m pytest -m "" --durations=25 tests
 
 test-fast:
 	$(BIN)/python -m pytest -m "not slow" tests
