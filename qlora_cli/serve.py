@@ -74,7 +74,13 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
 
 
 def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = WORKER_STOP_GRACE_S) -> int:
-    """SIGTERM the worker (Celery's warm shutdown), then SIGKILL its whole group after `grace_s`.
+    """SIGTERM the worker's main process (Celery's warm shutdown), then SIGKILL its whole group after `grace_s`.
+
+    # Note: SIGTERM to the main process only. Celery's warm shutdown stops its prefork children
+    # itself. SIGTERM sent to the whole group also killed an idle child while it held the pool's
+    # task-queue lock, and the main process then waited on that lock at exit forever (billiard's
+    # `_help_stuff_finish`, seen with `py-spy dump`): an idle worker did not stop in 2 of 5 tries and
+    # was SIGKILLed after the grace. Docker stops a container the same way (SIGTERM to PID 1).
 
     Returns:
         The worker's exit status.
@@ -82,7 +88,7 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = WORKER_STOP_GRAC
     if proc.poll() is not None:
         return proc.returncode
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)
         return proc.wait(grace_s)
     except subprocess.TimeoutExpired:
         log.warning("the worker did not stop within %.0f s; killing it (its job resumes on the next start)", grace_s)

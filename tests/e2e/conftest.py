@@ -75,7 +75,7 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)  # it stops its own children (See Note: SIGTERM to the main process only)
         proc.wait(grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -115,7 +115,7 @@ class WorkerProcess:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGCONT)
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.kill(self.proc.pid, signal.SIGTERM)  # Celery stops its own children (See Note: SIGTERM to the main process only)
             self.proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             self.kill()
