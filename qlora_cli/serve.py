@@ -79,7 +79,7 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = WORKER_STOP_GRAC
     # Note: SIGTERM to the main process only. Celery's warm shutdown stops its prefork children
     # itself. SIGTERM sent to the whole group also killed an idle child while it held the pool's
     # task-queue lock, and the main process then waited on that lock at exit forever (billiard's
-    # `_help_stuff_finish`, seen with `py-spy dump`): an idle worker did not stop in 2 of 5 tries and
+    # `_help_stuff_finish`, seen with `py-spy dump`): an idle worker did not stop in 2 of 6 tries and
     # was SIGKILLed after the grace. Docker stops a container the same way (SIGTERM to PID 1).
 
     Returns:

@@ -128,7 +128,7 @@ def test_an_idle_worker_stops_cleanly_when_serve_stops_it(tmp_path: Path) -> Non
 
     (See Note: SIGTERM to the main process only.) Signalled as a group, the idle prefork child could die
     holding the pool's queue lock and the worker then hung at exit until killed; a generous grace here
-    keeps this about the hang, not the machine's speed. Two rounds: the hang took ~2 tries in 5.
+    keeps this about the hang, not the machine's speed. Two rounds: the hang came in 2 stops of 6.
     """
     from qlora_cli.serve import stop_worker
 
