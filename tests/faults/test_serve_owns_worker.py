@@ -35,10 +35,15 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _start_serve(data: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    repo = str(Path(__file__).resolve().parents[2])
+def _embedded_env(data: Path) -> dict[str, str]:
+    """The environment of an embedded-mode `qlora` command on the data dir `data` (no QLORA_* of the caller's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
-    env.update(FAST_ENV, QLORA_DATA_DIR=str(data), PYTHONPATH=repo)
+    env.update(FAST_ENV, QLORA_DATA_DIR=str(data), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    return env
+
+
+def _start_serve(data: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    env = _embedded_env(data)
     port = free_port()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(qlora_cmd("serve", "--port", str(port)), env=env, stdout=log,
@@ -132,9 +137,7 @@ def test_an_idle_worker_stops_cleanly_when_serve_stops_it(tmp_path: Path) -> Non
     """
     from qlora_cli.serve import stop_worker
 
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
-    env.update(FAST_ENV, QLORA_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=repo)
+    env = _embedded_env(tmp_path / "data")
     subprocess.run(qlora_cmd("db", "upgrade"), env=env, check=True, capture_output=True, timeout=120)  # serve does this
     for round_ in range(2):
         log_path = tmp_path / f"worker-{round_}.log"
