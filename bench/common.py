@@ -318,13 +318,18 @@ def cpu_description() -> str:
     from qlora_core.device import cpu_flags, native_dtype
 
     model = platform.processor() or platform.machine()
+    family = ""  # `lscpu`'s "CPU family" (AMD: 25 is Zen 3/4, 26 Zen 5): one model name covers generations
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu family") and not family:
+                family = line.split(":", 1)[1].strip()
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
     except OSError:
         pass
+    if family:
+        model += f" (family {family})"
     flags = cpu_flags()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
     import torch
