@@ -57,6 +57,15 @@ def fault_stack(tiny_model_dir):  # type: ignore[no-untyped-def]
         yield stack
 
 
+@pytest.fixture(autouse=True)
+def _workers_end_with_their_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Stop what a test using `fault_stack` started even when it failed half-way: a worker left
+    alive would take the next test's job (one failure would cascade into others)."""
+    yield
+    if "fault_stack" in request.fixturenames:
+        request.getfixturevalue("fault_stack").stop_workers()
+
+
 @pytest.fixture(scope="session")
 def fault_reference(fault_stack):  # type: ignore[no-untyped-def]
     """(job, adapter tensors) of the standard fault-test job run once without interruption."""

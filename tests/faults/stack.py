@@ -125,6 +125,16 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until Celery logs `<hostname> ready.`: the worker consumes from the queue from then on."""
+        deadline = time.monotonic() + timeout_s
+        while f"{self.hostname} ready." not in self.log():
+            if not self.running:
+                raise AssertionError(f"worker {self.name} exited before it was ready:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker {self.name} not ready after {timeout_s:.0f} s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
 
 @dataclass
 class Stack:

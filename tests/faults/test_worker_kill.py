@@ -216,12 +216,22 @@ def test_a_killed_dpo_job_resumes_exactly_with_its_reference_log_probs(fault_sta
     stack.stop_workers()
 
 
+DUPLICATE_STEPS = 1200  # the job the duplicates arrive for (see below)
+
+
 def test_redelivered_message_does_nothing_while_the_job_is_held(fault_stack: Stack) -> None:
     """Duplicate "run job X" messages, consumed by a second live worker while the first trains
     the job, are skipped: one run, one attempt, no second "started" event."""
     stack = fault_stack
     a, b = stack.start_worker("dup-a"), stack.start_worker("dup-b")
-    job_id = stack.create_job(max_steps=400, checkpoint_steps=200)
+    # Both consuming before the job exists: the holder runs one task at a time, so only the other
+    # worker can take a duplicate while the job runs, and it takes them one after another, each in
+    # a fresh pool child (max_tasks_per_child=1): Celery started the second child 0.5-4.3 s after
+    # the first exited. The job must outlast that on the fastest host: 400 steps took ~4 s on an
+    # AMD EPYC of CPU family 26, and the second duplicate was skipped after the job had finished.
+    a.wait_ready()
+    b.wait_ready()
+    job_id = stack.create_job(max_steps=DUPLICATE_STEPS, checkpoint_steps=DUPLICATE_STEPS // 2)
     stack.wait_step(job_id, 2)
     app = make_celery(Settings(database_url=stack.database_url, broker_url=stack.env["QLORA_BROKER_URL"]))
     for _ in range(2):
@@ -232,7 +242,7 @@ def test_redelivered_message_does_nothing_while_the_job_is_held(fault_stack: Sta
 
     stack.wait_until("both duplicates to be skipped", lambda: skipped() >= 2, timeout_s=120, poll_s=0.2)
     assert stack.job_row(job_id).status == "running"  # skipped while the job was held, not after
-    assert_nothing_lost_nothing_twice(stack, job_id, 400, interruptions=0)
+    assert_nothing_lost_nothing_twice(stack, job_id, DUPLICATE_STEPS, interruptions=0)
     stack.stop_workers()
 
 
