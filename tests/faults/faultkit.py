@@ -178,5 +178,5 @@ def assert_nothing_lost_nothing_twice(stack: Stack, job_id: str, max_steps: int,
             torch.testing.assert_close(got[name], ref_tensors[name], rtol=0.0, atol=0.0, msg=name)
         ref_ckpts = [c.step_number for c in listed_checkpoints(stack, ref_job.id)]
         ckpts = [c.step_number for c in listed_checkpoints(stack, job_id)]
-        assert ckpts == ref_ckpts
+        assert ckpts == ref_ckpts, f"checkpoints {ckpts} against the uninterrupted run's {ref_ckpts}: {stack.messages(job_id)}"
     return job
