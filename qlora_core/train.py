@@ -121,6 +121,13 @@ class TrainingCallback:
     def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
         """After `path` is complete on disk (atomic), with the metrics of that step."""
 
+    def on_resumed(self, step: int, path: Path, metrics: dict) -> None:
+        """A resumed run starts from the complete checkpoint `path` of `step` (metrics of that step).
+
+        A holder can stop between making a checkpoint complete and reporting it (its lease lost
+        in that window): the next run resumes from it, and this is where it can be recorded.
+        """
+
     def should_stop(self, step: int) -> bool:
         """Asked before every optimizer step with the number of steps done; True stops the run."""
         return False
@@ -327,6 +334,7 @@ def _run(
         ckpt.restore_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
         cb.on_message("info", f"resumed from checkpoint at step {state['step']} ({latest.name})")
+        cb.on_resumed(state["step"], latest, dict(state["history"][-1]) if state["history"] else {})
     if is_dpo and state["reference"] is None:
         t0 = time.perf_counter()
         state["reference"] = {

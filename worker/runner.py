@@ -221,6 +221,16 @@ class DbCallback(TrainingCallback):
         except IntegrityError:  # a resumed run saved this step again: the first row stands
             log.info("checkpoint step %d of %s already recorded", step, self.job_id)
 
+    def on_resumed(self, step: int, path: Path, metrics: dict) -> None:
+        """Record the checkpoint this run resumed from if no row names it: its writer lost the lease
+        after the checkpoint was complete on disk and before `on_checkpoint` (published and) recorded it."""
+        with self.engine.connect() as conn:
+            known = conn.execute(select(_checkpoints.c.id).where(
+                _checkpoints.c.job_id == self.job_id, _checkpoints.c.step_number == step)).first()
+        if known is None:
+            log.info("recording checkpoint step %d of %s, resumed from but never recorded", step, self.job_id)
+            self.on_checkpoint(step, path, metrics)
+
     def may_write(self, step: int) -> bool:
         """Only while the lease holds (See Note: stalled holders): asked right before a write."""
         if self.lease is not None and not self.lease.confirm():

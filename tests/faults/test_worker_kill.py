@@ -281,7 +281,11 @@ def _freeze_before_a_checkpoint(stack: Stack, held: WorkerProcess, job_id: str) 
         held.resume()  # too late; paused for milliseconds, far inside its lease, so it goes on as before
     while _steps_completed(stack, job_id) < MAX_STEPS - 1:
         held.pause()
-        if not _temp_dirs_of(stack.job_dir(job_id), trainer_pid):
+        # Outside a write: no temp dir, and every complete checkpoint on disk already has its row
+        # (a holder frozen between the two would log "written" for a checkpoint it made before).
+        on_disk = {s for s, _ in list_checkpoints(stack.job_dir(job_id))}
+        if not _temp_dirs_of(stack.job_dir(job_id), trainer_pid) and on_disk <= {
+                c.step_number for c in listed_checkpoints(stack, job_id)}:
             resume_from = _resume_point(stack, job_id)
             return resume_from + CHECKPOINT_STEPS, resume_from
         held.resume()
