@@ -286,7 +286,7 @@ def _freeze_before_a_checkpoint(stack: Stack, held: WorkerProcess, job_id: str) 
         on_disk = {s for s, _ in list_checkpoints(stack.job_dir(job_id))}
         if not _temp_dirs_of(stack.job_dir(job_id), trainer_pid) and on_disk <= {
                 c.step_number for c in listed_checkpoints(stack, job_id)}:
-            resume_from = _resume_point(stack, job_id)
+            resume_from = max(on_disk, default=0)  # what a takeover resumes from (the holder is frozen)
             return resume_from + CHECKPOINT_STEPS, resume_from
         held.resume()
         time.sleep(0.005)
