@@ -11,6 +11,9 @@ Layout (the service lists these; see CONTRACT "checkpoints"):
 A checkpoint is built in a hidden temp dir next to its final place, every file fsynced, then renamed
 into place and the parent fsynced (the classic write-temp-then-rename recipe): a process killed at
 any instant leaves either a complete checkpoint or a temp dir that `latest_checkpoint` ignores.
+A caller that may lose the right to write while it writes (a worker whose lease can be taken over)
+passes `may_publish`, asked after the files are on disk and right before the rename: when it says
+no, the temp dir is removed and nothing is published.
 This answers the QLoRA repository's most frequent complaints, "resume from checkpoint" and
 "empty adapter files": we refuse to publish an adapter file that holds no LoRA tensors.
 """
@@ -23,7 +26,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -96,9 +99,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """fsync `tmp`, rename it to `final` (replacing an older copy) and fsync the parent."""
+def _publish(tmp: Path, final: Path, may_publish: Callable[[], bool] | None) -> bool:
+    """fsync `tmp`, rename it to `final` (replacing an older copy) and fsync the parent.
+
+    Returns False, publishing nothing, when `may_publish` (asked after the fsync, the slow part,
+    and right before the rename) says no; the caller removes `tmp`.
+    """
     _fsync_tree(tmp)
+    if may_publish is not None and not may_publish():
+        return False
     if final.exists():
         # Only reachable when re-running from an older checkpoint; the new copy is authoritative.
         old = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
@@ -108,6 +117,7 @@ def _publish(tmp: Path, final: Path) -> None:
     else:
         os.rename(tmp, final)
     _fsync_dir(final.parent)
+    return True
 
 
 def _name_the_served_base(directory: Path) -> None:
@@ -149,7 +159,8 @@ def _save_adapter_files(model: torch.nn.Module, directory: Path) -> None:
         raise CheckpointError(f"{weights} holds {n_lora} LoRA tensors, expected {expected} (empty adapter)")
 
 
-def save_checkpoint(model: torch.nn.Module, output_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
+def save_checkpoint(model: torch.nn.Module, output_dir: str | Path, step: int, state: dict[str, Any],
+                    may_publish: Callable[[], bool] | None = None) -> Path | None:
     """Write `output_dir/checkpoints/step-XXXXXXXX` atomically.
 
     Args:
@@ -157,9 +168,10 @@ def save_checkpoint(model: torch.nn.Module, output_dir: str | Path, step: int, s
         output_dir: the run's output dir.
         step: the optimizer step just completed.
         state: everything else needed to resume (see `train.py`); saved with `torch.save`.
+        may_publish: asked right before the rename; when it returns False nothing is published.
 
     Returns:
-        The final checkpoint dir.
+        The final checkpoint dir, or None when `may_publish` refused (the temp dir is gone).
 
     Raises:
         CheckpointError: if the adapter file would be empty.
@@ -174,26 +186,35 @@ def save_checkpoint(model: torch.nn.Module, output_dir: str | Path, step: int, s
         _save_adapter_files(model, tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / COMPLETE).write_text(f"{step}\n")
-        _publish(tmp, final)
+        published = _publish(tmp, final, may_publish)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not published:
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("checkpoint %s not published: no longer allowed to write", final)
+        return None
     logger.info("checkpoint %s written", final)
     return final
 
 
-def save_adapter(model: torch.nn.Module, output_dir: str | Path) -> Path:
-    """Write the final adapter to `output_dir/adapter` atomically and return that path."""
+def save_adapter(model: torch.nn.Module, output_dir: str | Path,
+                 may_publish: Callable[[], bool] | None = None) -> Path | None:
+    """Write the final adapter to `output_dir/adapter` atomically and return that path, or None
+    (nothing published, no temp dir left) when `may_publish`, asked right before the rename, refuses."""
     final = Path(output_dir) / ADAPTER
     tmp = Path(output_dir) / f"{_TMP_PREFIX}{ADAPTER}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         _save_adapter_files(model, tmp)
-        _publish(tmp, final)
+        published = _publish(tmp, final, may_publish)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not published:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
     return final
 
 

@@ -133,8 +133,9 @@ class TrainingCallback:
         return False
 
     def may_write(self, step: int) -> bool:
-        """Asked right before a checkpoint or the final adapter is written; False stops the run
-        without writing it (a worker answers whether it still holds the job's lease)."""
+        """Asked right before a checkpoint or the final adapter is written, and again once its files
+        are on disk, right before they are renamed into place; False stops the run without
+        publishing it (a worker answers whether it still holds the job's lease)."""
         return True
 
 
@@ -448,15 +449,22 @@ def _run(
 
             # ---- checkpoint -----------------------------------------------------------------
             if step in plan.checkpoint_steps:
-                if not cb.may_write(step):
+                saved = _checkpoint_state(state, optimizer, scheduler, config, compute_dtype, scaler)
+                # Asked before the write and again right before its rename: a process frozen in
+                # between (See Note: stalled holders in worker/runner.py) publishes nothing.
+                path = None
+                if cb.may_write(step):
+                    path = ckpt.save_checkpoint(model, output_dir, step, saved, may_publish=lambda: cb.may_write(step))
+                if path is None:
                     return _result("stopped", step, plan, state, output_dir, None)
-                path = ckpt.save_checkpoint(model, output_dir, step, _checkpoint_state(state, optimizer, scheduler, config, compute_dtype, scaler))
                 cb.on_checkpoint(step, path, metrics)
 
     # ---- cleanup / final adapter ----------------------------------------------------------------
-    if not cb.may_write(step):
+    adapter_dir = None
+    if cb.may_write(step):
+        adapter_dir = ckpt.save_adapter(model, output_dir, may_publish=lambda: cb.may_write(step))
+    if adapter_dir is None:
         return _result("stopped", step, plan, state, output_dir, None)
-    adapter_dir = ckpt.save_adapter(model, output_dir)
     cb.on_message("info", f"training complete: {step} steps, {state['trained_tokens']} tokens; adapter at {adapter_dir}")
     return _result("completed", step, plan, state, output_dir, adapter_dir)
 

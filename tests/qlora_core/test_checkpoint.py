@@ -71,6 +71,25 @@ def test_failed_write_leaves_nothing_behind(lora_model, tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
 
 
+def test_a_write_refused_at_its_rename_publishes_nothing_and_leaves_no_temp_dir(lora_model, tmp_path):
+    """A writer that loses the right to write while its files go to disk (a worker frozen past its
+    lease) is asked once more right before the rename, with the files already there, and publishes
+    nothing; the checkpoint another writer published at that step stays as it was."""
+    kept = ckpt.save_checkpoint(lora_model, tmp_path, 6, {"step": 6, "by": "the new holder"})
+    seen = []
+
+    def refuse() -> bool:
+        seen.extend(p.name for p in (tmp_path / "checkpoints").iterdir())
+        return False
+
+    assert ckpt.save_checkpoint(lora_model, tmp_path, 6, {"step": 6, "by": "the stale one"}, may_publish=refuse) is None
+    assert any(name.startswith(".tmp-step-00000006-") for name in seen)  # asked with its files written
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000006"]
+    assert ckpt.read_state(kept)["by"] == "the new holder"
+    assert ckpt.save_adapter(lora_model, tmp_path, may_publish=lambda: False) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
 def test_incomplete_and_temp_dirs_are_ignored_and_cleaned(lora_model, tmp_path):
     good = ckpt.save_checkpoint(lora_model, tmp_path, 4, {"step": 4})
     (tmp_path / "checkpoints" / "step-00000008").mkdir()  # killed before COMPLETE

@@ -227,6 +227,31 @@ def test_resume_refuses_a_different_config(tiny_model_dir, data_files, tmp_path)
     assert [s for s, _ in result.checkpoints] == [1]
 
 
+def test_a_run_that_loses_the_right_to_write_during_a_checkpoint_publishes_nothing(tiny_model_dir, data_files,
+                                                                                   tmp_path):
+    """`may_write` says yes before checkpoint 2 is written and no once its files are on disk (a
+    worker frozen mid-write wakes up with its lease taken over): the run stops at step 2 with no
+    checkpoint 2, no temp dir and no checkpoint event; a resumed run starts from checkpoint 1."""
+    train_file, _ = data_files
+
+    class LosesItMidWrite(Recorder):
+        asked: list[int] = []
+
+        def may_write(self, step: int) -> bool:
+            self.asked.append(step)
+            return self.asked.count(2) < 2
+
+    cb = LosesItMidWrite()
+    result = train(tiny_model_dir, train_file, tmp_path / "run", _config(checkpoint_steps=1), callback=cb)
+    assert result.status == "stopped" and result.steps == 2
+    assert cb.asked == [1, 1, 2, 2] and [s for s, _, _ in cb.checkpoints] == [1]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001"]
+    assert not (tmp_path / "run" / "adapter").exists()
+    again = Recorder(stop_at=2)
+    train(tiny_model_dir, train_file, tmp_path / "run", _config(checkpoint_steps=1), callback=again)
+    assert again.start["resumed_from_step"] == 1 and [s for s, _ in again.metrics] == [2]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resume_may_change_memory_settings(tiny_model_dir, data_files, tmp_path, dtype):
     """A run that hit out_of_memory can resume with more checkpointing or the stock layers.
