@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from service.db import Job, JobEvent
+from service.db import Checkpoint, Job, JobEvent
 from tests.worker.conftest import make_job
 from worker.lease import acquire, make_owner
 from worker.runner import DbCallback, LeaseKeeper, LeaseLost
@@ -64,3 +64,35 @@ def test_stalled_holder_whose_job_was_taken_over_publishes_nothing(engine: Engin
         cb.on_checkpoint(2, tmp_path / "step-00000002", {"train_loss": 0.9})
     assert cb.should_stop(2) and cb.stop_reason == "lease_lost"
     assert _metrics_events(engine, job_id) == [1]
+
+
+def _checkpoint_rows(engine: Engine, job_id: str) -> list:
+    t = Checkpoint.__table__
+    with engine.connect() as conn:
+        return list(conn.execute(select(t).where(t.c.job_id == job_id).order_by(t.c.step_number)))
+
+
+def test_a_checkpoint_its_writer_could_not_record_is_recorded_by_the_run_that_resumes_from_it(
+        engine: Engine, tmp_path: Path) -> None:
+    """The holder made checkpoint 2 complete on disk and froze before recording it; its job was
+    taken over. Woken, it records nothing; the run that takes over resumes from that checkpoint and
+    records it, once, so the job's checkpoint list names what it really resumed from."""
+    job_id, keeper, cb = _setup(engine, tmp_path)
+    done = tmp_path / "checkpoints" / "step-00000002"
+    done.mkdir(parents=True)
+    (done / "state.pt").write_bytes(b"saved")
+    keeper.last_renewed -= LEASE_S + 1
+    rescuer = make_owner("w2@rescuer")
+    assert acquire(engine, job_id, rescuer, LEASE_S, now=int(time.time()) + LEASE_S + 1)
+    with pytest.raises(LeaseLost):
+        cb.on_checkpoint(2, done, {"train_loss": 0.9})
+    assert _checkpoint_rows(engine, job_id) == []
+
+    resumed = DbCallback(engine, job_id, "ft:tiny:acme::x", cb.tenant_id, tmp_path,
+                         LeaseKeeper(engine, job_id, rescuer, LEASE_S, HEARTBEAT_S), deadline=math.inf)
+    resumed.on_resumed(2, done, {"step": 2, "train_loss": 0.9, "elapsed_s": 3.0})
+    resumed.on_resumed(2, done, {"step": 2, "train_loss": 0.9})  # resumed again from it: no second row
+    rows = _checkpoint_rows(engine, job_id)
+    assert [(r.step_number, r.fine_tuned_model_checkpoint, r.state_path) for r in rows] == [
+        (2, "ft:tiny:acme::x:ckpt-step-2", "checkpoints/step-00000002/state.pt")]
+    assert rows[0].metrics["train_loss"] == 0.9 and rows[0].tenant_id == cb.tenant_id
