@@ -467,9 +467,16 @@ def apply_fused_layers(model: torch.nn.Module) -> dict[str, int]:
         model: a model after `peft.get_peft_model` (LoRA layers are found by their
             `lora_A`/`lora_B`/`base_layer` attributes).
 
+    The model's attention also switches from transformers' "sdpa" to `qlora_core.attention`'s,
+    whose backward on the CPU under bf16 runs torch's fp32 kernel, several times faster there
+    (See Note: attention backward in fp32 on the CPU); its forward computes sdpa's numbers.
+
     Returns:
-        How many modules of each kind were patched: {"lora": n, "rmsnorm": n, "swiglu": n}.
+        How many modules of each kind were patched: {"lora": n, "rmsnorm": n, "swiglu": n,
+        "attention": 1 if the model's attention was switched else 0}.
     """
+    from qlora_core.attention import use_cpu_attention
+
     counts = {"lora": 0, "rmsnorm": 0, "swiglu": 0}
     for qualified, module in model.named_modules():
         kind = type(module).__name__
@@ -485,5 +492,6 @@ def apply_fused_layers(model: torch.nn.Module) -> dict[str, int]:
         elif kind in _SWIGLU_CLASSES and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_swiglu_forward, module)
             counts["swiglu"] += 1
+    counts["attention"] = int(use_cpu_attention(model))
     logger.info("fused layers: %s", counts)
     return counts
