@@ -48,6 +48,8 @@ def _alternate(sides: dict[str, Callable[[], None]], rounds: int) -> dict[str, f
 
 
 def kernel(rows: int, tokens: int, rounds: int) -> dict[str, float]:
+    from qlora_core.attention import causal_backward_fp32
+
     g = torch.Generator().manual_seed(0)
     # (B, T, H, D) in memory, seen as (B, H, T, D): the layout a model's projections give
     q, k, v = (torch.randn(rows, tokens, heads, 64, generator=g).to(torch.bfloat16).transpose(1, 2) for heads in (9, 3, 3))
@@ -59,8 +61,7 @@ def kernel(rows: int, tokens: int, rounds: int) -> dict[str, float]:
         backward(grad, q, k, v, out, lse, 0.0, True)
 
     def ours() -> None:
-        grads = backward(grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, True)
-        [t.to(torch.bfloat16) for t in grads]
+        causal_backward_fp32(grad, q, k, v, out, lse)
 
     return _alternate({"sdpa": bf16, "ours": ours}, rounds)
 

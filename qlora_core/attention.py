@@ -61,11 +61,18 @@ class FlashAttentionCpu(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        query, key, value, out, logsumexp = ctx.saved_tensors
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.float(), query.float(), key.float(), value.float(), out.float(), logsumexp, 0.0, True,
-            attn_mask=None, scale=ctx.scale)
-        return (*(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None)
+        return (*causal_backward_fp32(grad_out, *ctx.saved_tensors, scale=ctx.scale), None)
+
+
+def causal_backward_fp32(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         out: torch.Tensor, logsumexp: torch.Tensor, scale: float | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU flash kernel's causal backward run in fp32 on upcast copies of bf16 tensors; the
+    gradients of q, k and v come back in their dtypes (See Note: attention backward in fp32)."""
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out.float(), query.float(), key.float(), value.float(), out.float(), logsumexp, 0.0, True,
+        attn_mask=None, scale=scale)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (query, key, value)))  # type: ignore[return-value]
 
 
 def _covered(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -12,8 +12,8 @@ A checkpoint is built in a hidden temp dir next to its final place, every file f
 into place and the parent fsynced (the classic write-temp-then-rename recipe): a process killed at
 any instant leaves either a complete checkpoint or a temp dir that `latest_checkpoint` ignores.
 A caller that may lose the right to write while it writes (a worker whose lease can be taken over)
-passes `may_publish`, asked after the files are on disk and right before the rename: when it says
-no, the temp dir is removed and nothing is published.
+passes `may_publish`, asked before the write and again after the files are on disk, right before
+the rename: when it says no, the temp dir is removed and nothing is published.
 This answers the QLoRA repository's most frequent complaints, "resume from checkpoint" and
 "empty adapter files": we refuse to publish an adapter file that holds no LoRA tensors.
 """
@@ -99,23 +99,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, final: Path, may_publish: Callable[[], bool] | None) -> bool:
-    """fsync `tmp`, rename it to `final` (replacing an older copy) and fsync the parent.
+def _write_and_publish(final: Path, write: Callable[[Path], None], may_publish: Callable[[], bool] | None) -> bool:
+    """Build `final` in a temp dir beside it with `write(tmp)`, fsync it, rename it into place
+    (replacing an older copy) and fsync the parent; a failure removes the temp dir.
 
-    Returns False, publishing nothing, when `may_publish` (asked after the fsync, the slow part,
-    and right before the rename) says no; the caller removes `tmp`.
+    `may_publish` is asked before the temp dir is made and again once the files are on disk, right
+    before the rename: when it says no, nothing is published, no temp dir is left and this returns
+    False.
     """
-    _fsync_tree(tmp)
     if may_publish is not None and not may_publish():
         return False
-    if final.exists():
-        # Only reachable when re-running from an older checkpoint; the new copy is authoritative.
-        old = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if may_publish is not None and not may_publish():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        if final.exists():
+            # Only reachable when re-running from an older checkpoint; the new copy is authoritative.
+            old = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(final.parent)
     return True
 
@@ -168,7 +181,8 @@ def save_checkpoint(model: torch.nn.Module, output_dir: str | Path, step: int, s
         output_dir: the run's output dir.
         step: the optimizer step just completed.
         state: everything else needed to resume (see `train.py`); saved with `torch.save`.
-        may_publish: asked right before the rename; when it returns False nothing is published.
+        may_publish: asked before the write and again right before the rename; when it returns
+            False nothing is published.
 
     Returns:
         The final checkpoint dir, or None when `may_publish` refused (the temp dir is gone).
@@ -176,22 +190,14 @@ def save_checkpoint(model: torch.nn.Module, output_dir: str | Path, step: int, s
     Raises:
         CheckpointError: if the adapter file would be empty.
     """
-    root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    final = Path(output_dir) / CHECKPOINTS / checkpoint_name(step)
+
+    def write(tmp: Path) -> None:
         _save_adapter_files(model, tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / COMPLETE).write_text(f"{step}\n")
-        published = _publish(tmp, final, may_publish)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not published:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    if not _write_and_publish(final, write, may_publish):
         logger.info("checkpoint %s not published: no longer allowed to write", final)
         return None
     logger.info("checkpoint %s written", final)
@@ -201,21 +207,10 @@ def save_checkpoint(model: torch.nn.Module, output_dir: str | Path, step: int, s
 def save_adapter(model: torch.nn.Module, output_dir: str | Path,
                  may_publish: Callable[[], bool] | None = None) -> Path | None:
     """Write the final adapter to `output_dir/adapter` atomically and return that path, or None
-    (nothing published, no temp dir left) when `may_publish`, asked right before the rename, refuses."""
+    (nothing published, no temp dir left) when `may_publish`, asked before the write and right
+    before the rename, refuses."""
     final = Path(output_dir) / ADAPTER
-    tmp = Path(output_dir) / f"{_TMP_PREFIX}{ADAPTER}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _save_adapter_files(model, tmp)
-        published = _publish(tmp, final, may_publish)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not published:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return None
-    return final
+    return final if _write_and_publish(final, lambda tmp: _save_adapter_files(model, tmp), may_publish) else None
 
 
 def read_state(checkpoint_dir: str | Path) -> dict[str, Any]:

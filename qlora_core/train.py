@@ -449,20 +449,17 @@ def _run(
 
             # ---- checkpoint -----------------------------------------------------------------
             if step in plan.checkpoint_steps:
-                saved = _checkpoint_state(state, optimizer, scheduler, config, compute_dtype, scaler)
                 # Asked before the write and again right before its rename: a process frozen in
                 # between (See Note: stalled holders in worker/runner.py) publishes nothing.
-                path = None
-                if cb.may_write(step):
-                    path = ckpt.save_checkpoint(model, output_dir, step, saved, may_publish=lambda: cb.may_write(step))
+                path = ckpt.save_checkpoint(model, output_dir, step,
+                                            _checkpoint_state(state, optimizer, scheduler, config, compute_dtype, scaler),
+                                            may_publish=lambda: cb.may_write(step))
                 if path is None:
                     return _result("stopped", step, plan, state, output_dir, None)
                 cb.on_checkpoint(step, path, metrics)
 
     # ---- cleanup / final adapter ----------------------------------------------------------------
-    adapter_dir = None
-    if cb.may_write(step):
-        adapter_dir = ckpt.save_adapter(model, output_dir, may_publish=lambda: cb.may_write(step))
+    adapter_dir = ckpt.save_adapter(model, output_dir, may_publish=lambda: cb.may_write(step))
     if adapter_dir is None:
         return _result("stopped", step, plan, state, output_dir, None)
     cb.on_message("info", f"training complete: {step} steps, {state['trained_tokens']} tokens; adapter at {adapter_dir}")

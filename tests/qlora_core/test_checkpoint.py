@@ -76,14 +76,14 @@ def test_a_write_refused_at_its_rename_publishes_nothing_and_leaves_no_temp_dir(
     lease) is asked once more right before the rename, with the files already there, and publishes
     nothing; the checkpoint another writer published at that step stays as it was."""
     kept = ckpt.save_checkpoint(lora_model, tmp_path, 6, {"step": 6, "by": "the new holder"})
-    seen = []
+    seen: list[list[str]] = []
 
-    def refuse() -> bool:
-        seen.extend(p.name for p in (tmp_path / "checkpoints").iterdir())
-        return False
+    def refuse() -> bool:  # yes before the write, no once its files are on disk
+        seen.append([p.name for p in (tmp_path / "checkpoints").iterdir()])
+        return len(seen) == 1
 
     assert ckpt.save_checkpoint(lora_model, tmp_path, 6, {"step": 6, "by": "the stale one"}, may_publish=refuse) is None
-    assert any(name.startswith(".tmp-step-00000006-") for name in seen)  # asked with its files written
+    assert any(name.startswith(".tmp-step-00000006-") for name in seen[-1])  # asked with its files written
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000006"]
     assert ckpt.read_state(kept)["by"] == "the new holder"
     assert ckpt.save_adapter(lora_model, tmp_path, may_publish=lambda: False) is None
