@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from qlora_core.data import batch_stats, collate, plan_batches, tokenize_file  # noqa: E402
-from qlora_cli.demo import gsm8k_path  # noqa: E402
+from qlora_cli.gsm8k import gsm8k_path  # noqa: E402
 from service.lifetime import adopt_from_env  # noqa: E402
 
 logger = logging.getLogger("bench_packing")

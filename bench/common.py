@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.demo import gsm8k_path  # one place knows where the GSM8K wheel keeps its file
+from qlora_cli.gsm8k import gsm8k_path  # one place knows where the GSM8K wheel keeps its file
 from service.lifetime import adopt_from_env, owned_child_env
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,10 @@ def run_child(side: str, argv: list[str], result_json: Path, log_path: Path) -> 
     Raises:
         RuntimeError: the child exited non-zero (its log's tail is in the message).
     """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO_ROOT))
+    # The repo first, then the caller's own path (an environment assembled with PYTHONPATH, as on a
+    # GPU machine whose image lacks some pinned packages, must reach the children too).
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=owned_child_env(env),

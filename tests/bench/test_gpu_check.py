@@ -71,6 +71,16 @@ def test_without_a_gpu_it_says_so_and_exits_2():
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
 
 
+def test_every_cuda_marked_test_is_where_the_gpu_check_collects():
+    """The check collects tests/cuda alone (so a GPU machine needs no service packages): a CUDA test
+    anywhere else would silently never run on a GPU."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert ids, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert all(i.startswith("tests/cuda/") for i in ids), ids
+
+
 @pytest.mark.slow
 def test_the_whole_pipeline_runs_at_test_size_on_the_cpu():
     proc = subprocess.run(["bench/gpu_check.sh", "--device", "cpu", "--shape", "tiny", "--steps", "2",
