@@ -75,6 +75,7 @@ def inspect_model(
         double_quant=double_quant,
         optimizer=optimizer,
         compute_dtype=compute_dtype,
+        device=default_device(),
     )
     model = load_quantized_model(model_dir, quant_type=quant_type, double_quant=double_quant,
                                  compute_dtype=compute_dtype, device="cpu")  # fmt: skip

@@ -282,7 +282,7 @@ def _run(
     if fraction is None and config.gradient_checkpointing:  # See Note: memory-neutral checkpointing
         model_config = json.loads((Path(model_dir) / "config.json").read_text())
         fraction = auto_checkpoint_fraction(
-            model_config, config.lora_r, compute_dtype, config.target_modules, config.fused_layers
+            model_config, config.lora_r, compute_dtype, config.target_modules, config.fused_layers, default_device()
         )
         cb.on_message("info", f"checkpoint_fraction not set: checkpointing {fraction:.0%} of the decoder layers, "
                               "spending on the rest memory the chunked loss saves (qlora_core.quant.auto_checkpoint_fraction)")  # fmt: skip

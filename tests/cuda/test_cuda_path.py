@@ -109,7 +109,7 @@ def test_exact_resume_with_the_cuda_rng(tiny_model_dir: Path, tmp_path: Path) ->
 
     reference = train(tiny_model_dir, data, tmp_path / "a", config)
     train(tiny_model_dir, data, tmp_path / "b", config, callback=StopAt2())
-    assert "cuda" in read_state(latest_checkpoint(tmp_path / "b"))  # the CUDA RNG state is in the checkpoint
+    assert "cuda" in read_state(latest_checkpoint(tmp_path / "b"))["rng"]  # the CUDA RNG state is in the checkpoint
     resumed = train(tiny_model_dir, data, tmp_path / "b", config)
     assert resumed.steps == reference.steps
     a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))

@@ -229,6 +229,7 @@ def test_auto_checkpointing_spends_only_what_the_chunked_loss_frees() -> None:
     assert auto_checkpoint_fraction(SMOL_CONFIG, 8) == 4 / 30
     assert auto_checkpoint_fraction(SMOL_CONFIG, 64) == 5 / 30  # a wider adapter keeps more per block
     assert auto_checkpoint_fraction(LLAMA_7B_CONFIG, 64) == 30 / 32
+    assert auto_checkpoint_fraction(LLAMA_7B_CONFIG, 64, device="cuda") == 1.0  # Note: checkpointing on a GPU
     # the stock layers keep more per block, so fewer blocks skip the recompute
     assert 5 / 30 < auto_checkpoint_fraction(SMOL_CONFIG, 64, fused_layers=False) < 1.0
     # and what they keep never exceeds three quarters of the logits memory the reference recipe would hold
