@@ -284,8 +284,10 @@ def _run(
         fraction = auto_checkpoint_fraction(
             model_config, config.lora_r, compute_dtype, config.target_modules, config.fused_layers, default_device()
         )
-        cb.on_message("info", f"checkpoint_fraction not set: checkpointing {fraction:.0%} of the decoder layers, "
-                              "spending on the rest memory the chunked loss saves (qlora_core.quant.auto_checkpoint_fraction)")  # fmt: skip
+        why = ("every decoder layer" if fraction == 1.0 else
+               f"{fraction:.0%} of the decoder layers, spending on the rest memory the chunked loss saves")  # fmt: skip
+        cb.on_message("info", f"checkpoint_fraction not set: checkpointing {why} "
+                              "(qlora_core.quant.auto_checkpoint_fraction)")  # fmt: skip
     model = models.load_quantized_model(
         model_dir, quant_type=config.quant_type, double_quant=config.double_quant, compute_dtype=compute_dtype
     )
