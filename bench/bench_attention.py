@@ -9,7 +9,9 @@ Two measurements, each alternating the two sides in one process and reporting me
    and in fp32 on upcast copies, as `qlora_core.attention.FlashAttentionCpu` runs it.
 2. One training micro-batch (forward and backward, our engine: 4-bit SmolLM2, LoRA r=8 on every
    linear layer, fused layers, the default share of checkpointed blocks) at the same shapes, with
-   the model's attention set to transformers' "sdpa" and to ours in turn.
+   the model's attention set to transformers' "sdpa" and to ours in turn. Ours takes the fp32
+   backward only for rows the engine's rule covers on this CPU (`fp32_backward_max_len`: up to
+   256 tokens, any length with AMX-BF16); past it both sides run sdpa's bf16 backward.
 
 Prints the CPU, a table, and as the last line
 `attention_bwd_speedup=<short>/<gsm8k>/<long> step_speedup=<short>/<gsm8k>/<long>` (sdpa's time
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     model = add_lora(load_quantized_model(model_dir, device="cpu", compute_dtype="bfloat16"), 8, 16, 0.0,
                      gradient_checkpointing=True, checkpoint_fraction=fraction)
     model.train()
+    from qlora_core.attention import fp32_backward_max_len
+
+    limit = fp32_backward_max_len()
+    print(f"the engine's fp32 attention backward on this CPU: rows of {'any length' if limit is None else f'at most {limit} tokens'}")
     print(f"{'shape':6} {'rows x tokens':>13} | {'bwd sdpa ms':>11} {'bwd ours ms':>11} {'ratio':>6} | "
           f"{'step sdpa ms':>12} {'step ours ms':>12} {'ratio':>6}")
     kernel_ratios, step_ratios = [], []

@@ -14,6 +14,18 @@ heads, head dim 64; `python bench/bench_attention.py`), milliseconds for the bac
       bf16 kernel                             5.1    21.7    37.4
       fp32 kernel                             0.8     6.5    22.4
 
+On a real AMD EPYC with AVX512-BF16 (CPU family 26, no AMX) the fp32 kernel wins only on short
+rows: backward in ms, bf16 kernel against fp32 (`python bench/bench_attention.py`, and the same two
+kernels timed alone at more lengths):
+
+    AMD EPYC family 26, AVX512-BF16      B×T = 8×55  4×200  2×300  2×400  1×512  1×900  1×1400
+      bf16 kernel                            4.1    6.7    5.9    9.3    8.8   15.0   33.5
+      fp32 kernel                            1.1    6.0    6.3   10.5   10.6   25.0   52.7
+
+So the fp32 backward is taken for rows of at most `FP32_BACKWARD_MAX_LEN` (256) tokens, and at any
+length on a CPU with AMX-BF16 (the Intel host above gained at every length measured); longer rows
+elsewhere keep sdpa's bf16 backward (`fp32_backward_max_len`).
+
 So under bf16 compute on the CPU, `FlashAttentionCpu` runs the forward with the bf16 kernel
 (exactly what sdpa computes: the same output, the same logits and loss) and the backward with the
 fp32 kernel on upcast copies of what the forward kept, casting the three gradients back to bf16.
@@ -34,6 +46,7 @@ model to it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -42,6 +55,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 ATTENTION = "qlora_sdpa"
+FP32_BACKWARD_MAX_LEN = 256  # See Note: attention backward in fp32 (the AMD family-26 crossover)
+
+
+@functools.cache
+def fp32_backward_max_len() -> int | None:
+    """The longest row whose attention backward runs in fp32 on this CPU; None: any length."""
+    from qlora_core.device import cpu_flags
+
+    return None if "amx_bf16" in cpu_flags() else FP32_BACKWARD_MAX_LEN
 
 
 class FlashAttentionCpu(torch.autograd.Function):
@@ -88,6 +110,9 @@ def _covered(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
         return False
     if query.dim() != 4 or query.shape[2] < 2 or key.shape[2] != query.shape[2]:
         return False  # decoding, or a prefilled cache
+    limit = fp32_backward_max_len()
+    if limit is not None and query.shape[2] > limit:
+        return False  # rows this long have a faster bf16 backward on this CPU
     if {query.dtype, key.dtype, value.dtype} != {torch.bfloat16} or key.shape[-1] != value.shape[-1]:
         return False
     return query.shape[1] % key.shape[1] == 0 and key.shape[1] == value.shape[1]

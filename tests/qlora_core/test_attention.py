@@ -108,3 +108,35 @@ def test_a_saved_adapter_names_no_private_attention(tiny_model_dir: Path, tmp_pa
     _model(tiny_model_dir).save_pretrained(str(tmp_path / "adapter"))
     texts = [p.read_text() for p in (tmp_path / "adapter").iterdir() if p.suffix == ".json"]
     assert texts and not [t for t in texts if ATTENTION in t]
+
+
+def test_rows_past_the_cpus_fp32_length_take_sdpas_backward_bitwise(tiny_model_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Where the bf16 kernel's backward is the faster one (long rows on CPUs without AMX), a step is
+    sdpa's to the bit; rows within the limit take the fp32 backward (gradients differ in the last bits)."""
+    from qlora_core import attention
+
+    model = _model(tiny_model_dir)
+    base = model.get_base_model()
+    ids = torch.randint(3, 300, (2, 30), generator=torch.Generator().manual_seed(4))
+    base.set_attn_implementation("sdpa")
+    stock = _step(model, ids)
+    base.set_attn_implementation(ATTENTION)
+    monkeypatch.setattr(attention, "fp32_backward_max_len", lambda: 29)
+    past = _step(model, ids)
+    assert all(torch.equal(a, b) for a, b in zip([past[0], past[1], *past[2]], [stock[0], stock[1], *stock[2]]))
+    monkeypatch.setattr(attention, "fp32_backward_max_len", lambda: 30)
+    within = _step(model, ids)
+    assert torch.equal(within[0], stock[0]) and torch.equal(within[1], stock[1])  # the same forward
+    assert any(not torch.equal(a, b) for a, b in zip(within[2], stock[2]))  # another backward
+
+
+def test_the_fp32_backward_length_follows_the_cpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from qlora_core import attention, device
+
+    attention.fp32_backward_max_len.cache_clear()
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert attention.fp32_backward_max_len() == attention.FP32_BACKWARD_MAX_LEN == 256
+    attention.fp32_backward_max_len.cache_clear()
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert attention.fp32_backward_max_len() is None
+    attention.fp32_backward_max_len.cache_clear()
