@@ -26,7 +26,7 @@ So the fp32 backward is taken for rows of at most `FP32_BACKWARD_MAX_LEN` (256) 
 length on a CPU with AMX-BF16 (the Intel host above gained at every length measured); longer rows
 elsewhere keep sdpa's bf16 backward (`fp32_backward_max_len`).
 
-So under bf16 compute on the CPU, `FlashAttentionCpu` runs the forward with the bf16 kernel
+Under bf16 compute on the CPU, then, `FlashAttentionCpu` runs the forward with the bf16 kernel
 (exactly what sdpa computes: the same output, the same logits and loss) and the backward with the
 fp32 kernel on upcast copies of what the forward kept, casting the three gradients back to bf16.
 The gradients are those of the same attention computed with fp32 arithmetic, closer to exact than

@@ -133,10 +133,12 @@ def test_rows_past_the_cpus_fp32_length_take_sdpas_backward_bitwise(tiny_model_d
 def test_the_fp32_backward_length_follows_the_cpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from qlora_core import attention, device
 
-    attention.fp32_backward_max_len.cache_clear()
-    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert attention.fp32_backward_max_len() == attention.FP32_BACKWARD_MAX_LEN == 256
-    attention.fp32_backward_max_len.cache_clear()
-    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    assert attention.fp32_backward_max_len() is None
-    attention.fp32_backward_max_len.cache_clear()
+    try:
+        attention.fp32_backward_max_len.cache_clear()
+        monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # AMD EPYC's bf16
+        assert attention.fp32_backward_max_len() == attention.FP32_BACKWARD_MAX_LEN == 256
+        attention.fp32_backward_max_len.cache_clear()
+        monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+        assert attention.fp32_backward_max_len() is None
+    finally:
+        attention.fp32_backward_max_len.cache_clear()  # the next caller reads this machine's flags
