@@ -31,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from qlora_core.fsutil import replace_dir
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -118,14 +120,8 @@ def _write_and_publish(final: Path, write: Callable[[Path], None], may_publish: 
         if may_publish is not None and not may_publish():
             shutil.rmtree(tmp, ignore_errors=True)
             return False
-        if final.exists():
-            # Only reachable when re-running from an older checkpoint; the new copy is authoritative.
-            old = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        # An existing `final` is only met when re-running from an older checkpoint; the new copy is authoritative.
+        replace_dir(tmp, final, final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

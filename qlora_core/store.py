@@ -27,7 +27,6 @@ import fcntl
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -36,6 +35,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from qlora_core.fsutil import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -265,13 +266,7 @@ class ModelStore:
             del model
             # The manifest is written last inside the temp dir: a visible dir always has one.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if final.exists():
-                trash = self.root / f".trash-{uuid.uuid4().hex}"
-                os.rename(final, trash)
-                os.rename(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
+            replace_dir(tmp, final, self.root / f".trash-{uuid.uuid4().hex}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
