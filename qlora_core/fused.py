@@ -468,8 +468,9 @@ def apply_fused_layers(model: torch.nn.Module) -> dict[str, int]:
             `lora_A`/`lora_B`/`base_layer` attributes).
 
     The model's attention also switches from transformers' "sdpa" to `qlora_core.attention`'s,
-    whose backward on the CPU under bf16 runs torch's fp32 kernel, several times faster there
-    (See Note: attention backward in fp32 on the CPU); its forward computes sdpa's numbers.
+    whose backward on the CPU under bf16 runs torch's fp32 kernel where that is the faster one
+    (rows of at most 256 tokens; any length on AMX-BF16 CPUs: See Note: attention backward in
+    fp32 on the CPU); its forward computes sdpa's numbers.
 
     Returns:
         How many modules of each kind were patched: {"lora": n, "rmsnorm": n, "swiglu": n,
