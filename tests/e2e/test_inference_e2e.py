@@ -8,6 +8,7 @@ meanwhile, never hangs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.e2e.conftest import TINY_MODEL_ID, LiveService, _run, qlora_cmd
@@ -147,7 +149,15 @@ def test_a_killed_inference_server_comes_back(live: LiveService) -> None:
     children = subprocess.run(["pgrep", "-P", str(live.procs["api"].pid), "-f", "qlora_cli.main infer"],
                               capture_output=True, text=True).stdout.split()  # fmt: skip
     assert len(children) == 1, children
+    infer = psutil.Process(int(children[0]))
+    t_kill = time.monotonic()
     subprocess.run(["kill", f"-{signal.SIGKILL.value}", children[0]], check=True)
+    # `kill` returns when the signal is sent, not when the process is gone: until it has exited,
+    # its socket still accepts a connection and then resets it (502, the answer for a server that
+    # dies mid-request). Asked once it is dead, nothing listens: 503.
+    with contextlib.suppress(psutil.NoSuchProcess):
+        while infer.status() != psutil.STATUS_ZOMBIE and time.monotonic() - t_kill < 10:
+            time.sleep(0.05)
     ask = dict(model=TINY_MODEL_ID, messages=MESSAGES, temperature=0, max_tokens=4)
     client = live.client()
     t0 = time.monotonic()
