@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_core.fsutil import replace_dir
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,9 +59,7 @@ def merge_adapter_16bit(
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         load_tokenizer(model_dir).save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir, out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,5 @@
-"""Filesystem steps shared by the checkpoint writer and the model store (no heavy imports)."""
+"""Filesystem steps shared by the checkpoint writer, the model store, the object store's cache and the
+merged export (no heavy imports)."""
 
 from __future__ import annotations
 

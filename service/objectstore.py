@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from qlora_core.fsutil import replace_dir
 from service.settings import Settings
 from service.storage import ArtifactMissing, UnsafePath, resolve_under
 
@@ -350,11 +351,7 @@ class S3Storage(Storage):
                 for name, f in files.items():
                     self._get(f"{base}/{name}", tmp / name, f["sha256"])
                 (tmp / TREE_MANIFEST).write_bytes(manifest)
-                if directory.exists():
-                    trash = directory.parent / f".trash-{directory.name}-{uuid.uuid4().hex[:8]}"
-                    os.rename(directory, trash)
-                    shutil.rmtree(trash, ignore_errors=True)
-                os.rename(tmp, directory)
+                replace_dir(tmp, directory, directory.parent / f".trash-{directory.name}-{uuid.uuid4().hex[:8]}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             entry.used(directory, n_bytes=sum(f["bytes"] for f in files.values()))

@@ -46,6 +46,17 @@ def test_merged_model_matches_adapter_on_16bit_base(tiny_model_dir, adapter_dir,
     assert (expected - plain).abs().max() > 10 * tol, "the adapter changes the model"
 
 
+def test_merging_again_replaces_the_earlier_output_whole(tiny_model_dir, adapter_dir, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an older merge")
+    (out / "stale.bin").write_bytes(b"only in the older merge")
+    merged_dir = merge_adapter_16bit(tiny_model_dir, adapter_dir, out)
+    assert merged_dir == out and not (out / "stale.bin").exists()
+    assert (out / "model.safetensors").stat().st_size > 1000 and (out / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_load_for_inference_quantized(tiny_model_dir, adapter_dir):
     model, tokenizer = load_for_inference(tiny_model_dir, adapter_dir, quantized=True)
     assert not model.training

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import boto3
@@ -139,6 +140,32 @@ def test_a_tree_is_whole_or_absent_and_a_republish_drops_stale_files(tmp_path: P
         a.delete_tree("artifacts", "jobs/j1", flat=True)
     a.delete_tree("artifacts", ckpt, flat=True)
     assert not b.tree_exists("artifacts", ckpt) and not a.local_path("artifacts", ckpt).exists()
+
+
+def test_a_cached_tree_refreshed_from_the_store_is_never_missing(tmp_path: Path, s3_server, s3_bucket,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader (the inference server, a resuming job) of a cached tree that another fetch refreshes
+    finds the old copy or the new one, never no directory while the old copy is being deleted."""
+    a, b = _host(tmp_path, "a", s3_server, s3_bucket), _host(tmp_path, "b", s3_server, s3_bucket)
+    rel = "jobs/j1/adapter"
+    d = a.local_path("artifacts", rel)
+    _write(d / "adapter_model.safetensors", os.urandom(4096))
+    a.publish_tree("artifacts", rel)
+    cached = b.fetch_tree("artifacts", rel)
+    _write(d / "adapter_model.safetensors", os.urandom(4096))
+    a.publish_tree("artifacts", rel)
+    seen_while_deleting: list[bool] = []
+    rmtree = shutil.rmtree
+
+    def watching_rmtree(path, *args, **kw):  # type: ignore[no-untyped-def]
+        seen_while_deleting.append((cached / TREE_MANIFEST).is_file())
+        return rmtree(path, *args, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", watching_rmtree)
+    assert b.fetch_tree("artifacts", rel) == cached
+    assert seen_while_deleting and all(seen_while_deleting)
+    assert (cached / "adapter_model.safetensors").read_bytes() == (d / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]
 
 
 def test_paths_never_leave_their_area(tmp_path: Path, s3_server, s3_bucket) -> None:
