@@ -6,7 +6,8 @@ Before a job is queued the API predicts its peak training memory with
 logits) from the base model's `config.json` and the job's resolved TrainConfig, records it in
 `Job.estimated_memory_bytes`, and compares it with each *live* worker's device (rows in `workers`
 that heart-beat recently; workers write them, see worker/main.py), computing in the dtype that
-worker would really use: `compute_dtype: "auto"` is bf16 on one device and fp32 on another. A job that
+worker would really use (`compute_dtype: "auto"` is bf16 on one device and fp32 on another) and with
+the checkpointing the engine chooses there (every block on a GPU, fewer on a CPU). A job that
 fits nowhere is refused at once with 400 `insufficient_device_memory` instead of failing with an
 out-of-memory error an hour later in the queue. With no live worker on record the job is accepted
 (the estimate is still recorded): a worker may start later, and it checks again.
@@ -90,7 +91,8 @@ def model_config_json(storage: Storage, model_id: str) -> dict[str, Any] | None:
     return None
 
 
-def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any], native_dtype: str | None = None) -> dict[str, int]:
+def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any], native_dtype: str | None = None,
+                        device: str = "cpu") -> dict[str, int]:
     """Peak training memory of a job, by term (see `estimate_training_memory`).
 
     Args:
@@ -98,6 +100,8 @@ def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any], native
         cfg: the job's resolved `TrainConfig.to_dict()`.
         native_dtype: what `compute_dtype: "auto"` becomes on the worker in question (its report);
             None (unknown) counts as float32, the widest, so the estimate is never too small.
+        device: that worker's device kind, "cpu" or "cuda": the engine's automatic checkpointing
+            differs (every block on a GPU), so the estimate follows it.
 
     Raises:
         ValueError: a config the estimator does not understand.
@@ -115,7 +119,13 @@ def estimate_job_memory(config_json: dict[str, Any], cfg: dict[str, Any], native
         optimizer=str(cfg["optimizer"]),
         compute_dtype=job_compute_dtype(cfg, native_dtype),
         target_modules=cfg["target_modules"],
+        device=device,
     )
+
+
+def device_kind(reported: str | None) -> str:
+    """"cuda" or "cpu" from a worker's reported device ("cuda:0 (NVIDIA H200)", "cpu (8 cores)")."""
+    return "cuda" if reported and reported.startswith("cuda") else "cpu"
 
 
 def job_compute_dtype(cfg: dict[str, Any], native_dtype: str | None) -> str:
@@ -176,22 +186,23 @@ def check_fit(session: Session, settings: Settings, model_id: str, cfg: dict[str
     if config_json is None:
         return None
     workers = live_workers(session, settings)
-    estimates: dict[str, dict[str, int]] = {}  # by the dtype the job would compute in
+    estimates: dict[tuple[str, str], dict[str, int]] = {}  # by the dtype the job would compute in, and the device kind
     try:
-        # Each worker with the dtype it would really use (compute_dtype "auto" differs per device).
+        # Each worker with the dtype it would really use (compute_dtype "auto" differs per device)
+        # and its device kind (so is the automatic checkpointing).
         for w in workers or [None]:
             native = w.compute_dtype if w is not None else None
-            dtype = job_compute_dtype(cfg, native)
-            if dtype not in estimates:
-                estimates[dtype] = estimate_job_memory(config_json, cfg, native)
-            if w is None or estimates[dtype]["total_bytes"] <= w.device_memory_bytes:
-                return estimates[dtype]["total_bytes"]
+            key = (job_compute_dtype(cfg, native), device_kind(w.device if w is not None else None))
+            if key not in estimates:
+                estimates[key] = estimate_job_memory(config_json, cfg, native, key[1])
+            if w is None or estimates[key]["total_bytes"] <= w.device_memory_bytes:
+                return estimates[key]["total_bytes"]
     except (KeyError, TypeError, ValueError) as e:  # an odd architecture: the worker will find out
         log.warning("no memory estimate for %s: %s", model_id, e)
         return None
     worker = workers[0]
     dtype = job_compute_dtype(cfg, worker.compute_dtype)
-    est = estimates[dtype]
+    est = estimates[(dtype, device_kind(worker.device))]
     total = est["total_bytes"]
     trainable = est["lora_bytes"] + est["gradient_bytes"] + est["optimizer_bytes"]
     other = est["non_quantized_bytes"] + est["overhead_bytes"]

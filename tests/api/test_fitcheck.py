@@ -46,11 +46,11 @@ def train_file(client, alice) -> str:
 
 
 def add_worker(settings, name: str, memory_bytes: int, seen_s_ago: int = 0, alive: bool = True,
-               compute_dtype: str | None = None) -> None:
+               compute_dtype: str | None = None, device: str | None = None) -> None:
     t = int(time.time())
     with session_scope(settings.database_url) as s:
-        s.add(Worker(id=name, device=f"cuda:0 ({name})", device_memory_bytes=memory_bytes, started_at=t - 3600,
-                     last_seen_at=t - seen_s_ago, alive=alive, compute_dtype=compute_dtype))
+        s.add(Worker(id=name, device=device or f"cuda:0 ({name})", device_memory_bytes=memory_bytes,
+                     started_at=t - 3600, last_seen_at=t - seen_s_ago, alive=alive, compute_dtype=compute_dtype))
 
 
 def create(client, tenant, model: str, training_file: str, batch_size: int = 8, **qlora):
@@ -60,10 +60,10 @@ def create(client, tenant, model: str, training_file: str, batch_size: int = 8, 
         "qlora": qlora})
 
 
-def expected_bytes(settings, model: str, job: dict) -> int:
+def expected_bytes(settings, model: str, job: dict, device: str = "cpu") -> int:
     with session_scope(settings.database_url) as s:
         cfg = s.scalar(select(Job.config).where(Job.id == job["id"]))
-    return estimate_job_memory(model_config_json(get_storage(settings), model), cfg)["total_bytes"]
+    return estimate_job_memory(model_config_json(get_storage(settings), model), cfg, device=device)["total_bytes"]
 
 
 def test_no_worker_reported_accepts_and_records_the_estimate(client, alice, tiny, train_file, settings):
@@ -103,7 +103,8 @@ def test_largest_live_worker_decides_and_a_smaller_job_fits(client, alice, tiny,
     assert "cuda:0 (mid-gpu)" in err["message"]
     ok = create(client, alice, tiny, train_file, batch_size=1, max_seq_length=64)
     assert ok.status_code == 200, ok.text
-    assert ok.json()["estimated_memory_bytes"] == small
+    # Recorded as the GPU worker that holds it computes it (every block checkpointed: at most `small`).
+    assert ok.json()["estimated_memory_bytes"] == expected_bytes(settings, tiny, ok.json(), "cuda") <= small
 
 
 def test_method_form_names_its_batch_size(client, alice, tiny, train_file, settings):
@@ -125,7 +126,7 @@ def test_auto_dtype_is_estimated_as_each_worker_would_compute(client, alice, tin
     fp32 = estimate_job_memory(config_json, cfg, "float32")["total_bytes"]
     assert bf16 < fp32  # activations and logits are half the size
     between = (bf16 + fp32) // 2
-    add_worker(settings, "fp32-cpu", between, compute_dtype="float32")
+    add_worker(settings, "fp32-cpu", between, compute_dtype="float32", device="cpu (2 cores)")
     err = assert_error(create(client, alice, tiny, train_file, **shape), 400, "insufficient_device_memory")
     assert "computing in float32" in err["message"]
     add_worker(settings, "bf16-gpu", between, compute_dtype="bfloat16")
@@ -135,6 +136,25 @@ def test_auto_dtype_is_estimated_as_each_worker_would_compute(client, alice, tin
     # An explicit dtype is what every worker would use: float32 fits neither.
     assert_error(create(client, alice, tiny, train_file, compute_dtype="float32", **shape), 400,
                  "insufficient_device_memory")
+
+
+def test_a_gpu_worker_is_estimated_with_the_gpus_checkpointing(client, alice, tiny, train_file, settings):
+    """The engine checkpoints every block on a GPU and fewer on a CPU (qlora_core/quant.py,
+    auto_checkpoint_fraction): a job that a CPU worker's RAM cannot hold may fit a GPU of that size."""
+    shape = dict(batch_size=32, max_seq_length=2048)
+    config_json = model_config_json(get_storage(settings), tiny)
+    cfg = create(client, alice, tiny, train_file, **shape).json()["qlora"]
+    on_cpu = estimate_job_memory(config_json, cfg, "bfloat16", "cpu")["total_bytes"]
+    on_gpu = estimate_job_memory(config_json, cfg, "bfloat16", "cuda")["total_bytes"]
+    assert on_gpu < on_cpu  # every block checkpointed keeps fewer activations
+    between = (on_gpu + on_cpu) // 2
+    add_worker(settings, "bf16-cpu", between, compute_dtype="bfloat16", device="cpu (2 cores)")
+    err = assert_error(create(client, alice, tiny, train_file, **shape), 400, "insufficient_device_memory")
+    assert "cpu (2 cores)" in err["message"] and f"{on_cpu / GIB:.1f} GiB" in err["message"]
+    add_worker(settings, "bf16-gpu", between, compute_dtype="bfloat16")
+    ok = create(client, alice, tiny, train_file, **shape)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["estimated_memory_bytes"] == on_gpu
 
 
 def test_estimate_answers_without_creating_a_job(client, alice, tiny, train_file, settings):
