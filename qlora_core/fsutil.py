@@ -1,5 +1,5 @@
-"""Filesystem steps shared by the checkpoint writer, the model store, the object store's cache and the
-merged export (no heavy imports)."""
+"""Filesystem steps shared by the checkpoint writer, the model store and the merged export (no heavy
+imports; service/objectstore.py takes the same steps itself, as `service` may not import `qlora_core`)."""
 
 from __future__ import annotations
 

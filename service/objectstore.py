@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from qlora_core.fsutil import replace_dir
 from service.settings import Settings
 from service.storage import ArtifactMissing, UnsafePath, resolve_under
 
@@ -351,7 +350,16 @@ class S3Storage(Storage):
                 for name, f in files.items():
                     self._get(f"{base}/{name}", tmp / name, f["sha256"])
                 (tmp / TREE_MANIFEST).write_bytes(manifest)
-                replace_dir(tmp, directory, directory.parent / f".trash-{directory.name}-{uuid.uuid4().hex[:8]}")
+                # The old copy goes aside before the new one comes in and is deleted after, so a
+                # reader finds one whole tree or the other, never none while a delete runs (the steps
+                # of qlora_core/fsutil.replace_dir, which `service` may not import: tests/test_layers.py).
+                if directory.exists():
+                    trash = directory.parent / f".trash-{directory.name}-{uuid.uuid4().hex[:8]}"
+                    os.rename(directory, trash)
+                    os.rename(tmp, directory)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.rename(tmp, directory)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             entry.used(directory, n_bytes=sum(f["bytes"] for f in files.values()))
