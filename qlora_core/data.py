@@ -366,6 +366,20 @@ def collate(examples: list[TokenizedExample], rows: list[list[int]], pad_token_i
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+def real_token_index(examples: list[TokenizedExample], rows: list[list[int]]) -> tuple[torch.Tensor, int]:
+    """The real (not padded) positions of `collate(examples, rows, ...)`'s batch, flattened.
+
+    Returns:
+        (indices into the B * T positions in row-major order, (N,) int64; B * T).
+    """
+    import torch
+
+    lengths = [sum(len(examples[i].input_ids) for i in row) for row in rows]
+    width = max(lengths)
+    index = torch.cat([torch.arange(b * width, b * width + n) for b, n in enumerate(lengths)])  # (N,)
+    return index, len(rows) * width
+
+
 def batch_stats(examples: list[TokenizedExample], batches: list[list[list[int]]]) -> dict[str, Any]:
     """Rows, real tokens, padded slots and the padding fraction of a plan (for logs and benches)."""
     rows = sum(len(b) for b in batches)

@@ -385,6 +385,32 @@ def _fused_wanted() -> bool:
     return torch.is_grad_enabled() or _training_arithmetic > 0
 
 
+_real_tokens: tuple[torch.Tensor, int] | None = None  # set by `real_tokens`: (flat indices, B * T)
+
+
+@contextlib.contextmanager
+def real_tokens(index: torch.Tensor | None, n_slots: int) -> Iterator[None]:
+    """Within it, the fused MLP of a (B, T, H) input with B * T == `n_slots` computes only `index`.
+
+    # Note: padding-free MLP. A micro-batch pads its rows to the longest (the reference's too:
+    # 19 % of the slots of bench/bench_grid.py's `gsm8k` batches, 6 % on a 96-example set with our
+    # planner), and the MLP, three quarters of a Llama block's matmul work, would compute the pads
+    # like any token. Pads sit at the end of their row, after every real token (qlora_core/data.py,
+    # Note: packed attention), so no real token attends to one and no loss reads one: what the
+    # MLP gives a pad changes nothing a user sees. Inside this context it gathers the real tokens
+    # (`index`, into the flattened B * T positions), runs on them alone and writes zeros for the
+    # pads; its gradients for real tokens and for the adapter are the same math. The context must
+    # span the backward too: a checkpointed block runs its forward again there.
+    """
+    global _real_tokens
+    previous = _real_tokens
+    _real_tokens = None if index is None or index.numel() >= n_slots else (index, n_slots)
+    try:
+        yield
+    finally:
+        _real_tokens = previous
+
+
 def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """PEFT LoRA `forward` (vanilla adapters): one `LoraLinear` node when training one adapter."""
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not _lora_fusable(self):
@@ -445,7 +471,14 @@ def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         weights = [w for p in projections for w in (p.lora_A[name].weight, p.lora_B[name].weight)]
         bases = tuple(p.base_layer for p in projections)
         scalings = tuple(p.scaling[name] for p in projections)
-        return SwiGLUMLP.apply(x, *weights, bases, scalings, matmul_dtype(x, weights[0].dtype))
+        dtype = matmul_dtype(x, weights[0].dtype)
+        real = _real_tokens
+        if real is not None and x.dim() == 3 and x.shape[0] * x.shape[1] == real[1]:  # See Note: padding-free MLP
+            flat = x.reshape(real[1], x.shape[-1])
+            out = SwiGLUMLP.apply(flat.index_select(0, real[0]), *weights, bases, scalings, dtype)  # (N_real, H)
+            full = out.new_zeros(real[1], out.shape[-1]).index_copy(0, real[0], out)
+            return full.view(*x.shape[:-1], out.shape[-1])
+        return SwiGLUMLP.apply(x, *weights, bases, scalings, dtype)
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     name = _single_plain_adapter(down) if _fused_wanted() else None

@@ -229,7 +229,7 @@ def _run(
     resume: bool,
     init_adapter: Path | None = None,
 ) -> TrainResult:
-    from qlora_core import data, dpo, models
+    from qlora_core import data, dpo, fused, models
 
     # ---- setup --------------------------------------------------------------------------------
     seed_everything(config.seed)
@@ -392,11 +392,13 @@ def _run(
                 # supervised tokens of the *whole* step, so the accumulated gradient equals that of
                 # one big batch (not a mean of per-batch means, which over-weights short batches).
                 n_sup = sum(count_supervised(b["labels"]) for b in batches)
-                for b in batches:
+                for b, rows in zip(batches, groups[g]):
                     b = {k: v.to(device) for k, v in b.items()}
-                    with autocast:
-                        parts = causal_lm_loss(model, b)
-                    scaler.scale(parts.loss_sum / max(n_sup, 1)).backward()  # See Note: fp16 loss scaling
+                    index, n_slots = data.real_token_index(train_examples, rows)
+                    with fused.real_tokens(index.to(device), n_slots):  # See Note: padding-free MLP
+                        with autocast:
+                            parts = causal_lm_loss(model, b)
+                        scaler.scale(parts.loss_sum / max(n_sup, 1)).backward()  # See Note: fp16 loss scaling
                     window["loss"] += float(parts.loss_sum.detach())
                     window["correct"] += parts.n_correct
                     window["tokens"] += parts.n_tokens

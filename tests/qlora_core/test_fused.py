@@ -311,3 +311,56 @@ def test_unfusable_states_fall_back_to_peft(tiny_model_dir: Path) -> None:
     assert counts["lora"] == 2 * 7
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, tuned)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_mlp_skips_pads_and_training_sees_the_same_loss_and_gradients(
+        tiny_model_dir: Path, checkpointing: bool, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """See Note: padding-free MLP. A padded micro-batch gives the loss and adapter gradients it
+    gives with the pads computed (fp32: to float rounding), while the MLP sees only real tokens,
+    also when a checkpointed block runs its forward again in backward."""
+    from qlora_core import data, fused
+    from qlora_core.loss import causal_lm_loss
+
+    g = torch.Generator().manual_seed(5)
+    examples = []
+    for n in (30, 9, 17):
+        ids = torch.randint(3, 300, (n,), generator=g).tolist()
+        examples.append(data.TokenizedExample(ids, [-100] * (n // 3) + ids[n // 3:]))
+    rows = [[0], [1, 2], [2]]  # lengths 30, 26, 17: 17 of 90 slots padded
+    batch = data.collate(examples, rows, pad_token_id=0)
+    index, n_slots = data.real_token_index(examples, rows)
+    assert (n_slots, index.numel()) == (90, 73)
+    assert bool((batch["labels"].flatten()[torch.tensor(sorted(set(range(90)) - set(index.tolist())))] == -100).all())
+
+    seen_rows: list[int] = []
+    forward = SwiGLUMLP.forward
+
+    def counting(ctx, x, *args):  # type: ignore[no-untyped-def]
+        seen_rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return forward(ctx, x, *args)
+
+    monkeypatch.setattr(SwiGLUMLP, "forward", staticmethod(counting))
+
+    def run(padding_free: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = add_lora(load_quantized_model(tiny_model_dir, device="cpu", compute_dtype="float32"), 8, 16, 0.0,
+                         gradient_checkpointing=checkpointing, fused_layers=True)  # fmt: skip
+        model.train()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05, generator=torch.Generator().manual_seed(6))
+        with fused.real_tokens(index if padding_free else None, n_slots):
+            loss = causal_lm_loss(model, batch).loss_sum
+            loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    loss_ref, grads_ref = run(False)
+    assert seen_rows and set(seen_rows) == {90}
+    seen_rows.clear()
+    loss, grads = run(True)
+    assert seen_rows and set(seen_rows) == {73}  # every MLP call, the recomputed ones included
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    for got, want in zip(grads, grads_ref):
+        assert float((got - want).norm() / want.norm()) < 1e-4
