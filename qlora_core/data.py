@@ -322,6 +322,11 @@ def plan_batches(lengths: list[int], batch_size: int, max_seq_length: int, packi
     return [[[i] for i in chunk[b:b + batch_size]] for chunk in megas for b in range(0, len(chunk), batch_size)]
 
 
+def row_lengths(examples: list[TokenizedExample], rows: list[list[int]]) -> list[int]:
+    """The real tokens of each row of one batch (its examples' lengths summed); the batch's width is the max."""
+    return [sum(len(examples[i].input_ids) for i in row) for row in rows]
+
+
 def collate(examples: list[TokenizedExample], rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Build one batch: each row is the concatenation of its examples, right-padded.
 
@@ -346,7 +351,7 @@ def collate(examples: list[TokenizedExample], rows: list[list[int]], pad_token_i
 
     if not rows or any(not row for row in rows):
         raise ValueError(f"every row needs at least one example, got rows {rows!r}")
-    lengths = [sum(len(examples[i].input_ids) for i in row) for row in rows]
+    lengths = row_lengths(examples, rows)
     batch, width = len(rows), max(lengths)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)  # (B, T)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -374,7 +379,7 @@ def real_token_index(examples: list[TokenizedExample], rows: list[list[int]]) ->
     """
     import torch
 
-    lengths = [sum(len(examples[i].input_ids) for i in row) for row in rows]
+    lengths = row_lengths(examples, rows)
     width = max(lengths)
     index = torch.cat([torch.arange(b * width, b * width + n) for b, n in enumerate(lengths)])  # (N,)
     return index, len(rows) * width
@@ -384,6 +389,6 @@ def batch_stats(examples: list[TokenizedExample], batches: list[list[list[int]]]
     """Rows, real tokens, padded slots and the padding fraction of a plan (for logs and benches)."""
     rows = sum(len(b) for b in batches)
     real = sum(len(examples[i].input_ids) for b in batches for row in b for i in row)
-    slots = sum(len(b) * max(sum(len(examples[i].input_ids) for i in row) for row in b) for b in batches)
+    slots = sum(len(b) * max(row_lengths(examples, b)) for b in batches)
     return {"rows": rows, "tokens": real, "padded_tokens": slots - real,
             "padding_fraction": (slots - real) / slots if slots else 0.0}
