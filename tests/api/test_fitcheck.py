@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from service.objectstore import get_storage
 from api.fitcheck import GIB, estimate_job_memory, model_config_json
-from qlora_core.store import ModelStore
+from qlora_core.store import BUNDLED_MODEL_ID, ModelStore
 from service.database import session_scope
 from service.db import Job, Worker
 from tests.api.conftest import assert_error, jsonl, upload
@@ -182,3 +182,13 @@ def test_estimate_refuses_as_creating_would(client, alice, bob, tiny, train_file
     assert_error(client.post("/v1/fine_tuning/jobs/estimate", headers=bob.headers, json=body), 400, "file_not_found")
     assert_error(client.post("/v1/fine_tuning/jobs/estimate", headers=alice.headers,
                              json={**body, "hyperparameters": {"n_epochs": 0}}), 400, "invalid_value")
+
+
+def test_the_bundled_model_not_yet_imported_is_estimated_from_its_gguf(settings):
+    """A fresh store: the API reads the bundled model's shape from the GGUF header (the worker imports it later)."""
+    storage = get_storage(settings)
+    assert not storage.exists("models", BUNDLED_MODEL_ID.replace("/", "--") + "/config.json")
+    cfg = model_config_json(storage, BUNDLED_MODEL_ID)
+    # SmolLM2-135M-Instruct's config.json
+    assert cfg == {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                   "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
