@@ -28,8 +28,9 @@ class GGUFFormatError(ValueError):
 
 @dataclass
 class GGUFHeader:
-    """What the header says: `fields` maps each key to its value (an array to its length, see
-    `array_lengths`), `tensors` lists the tensor names in file order."""
+    """What the header says: `fields` maps each scalar or string key to its value, `array_lengths`
+    each array key to its element count (the elements are skipped), `tensors` lists the tensor
+    names in file order."""
 
     version: int
     fields: dict[str, Any] = field(default_factory=dict)
